@@ -1,0 +1,226 @@
+"""The fused DenseMixer straight-through function and the backward's dense reduction."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class ExpertWeights(NamedTuple):
+    """One local expert, E_e(x) = fc2_weight @ act(fc1_weight @ x + fc1_bias) + fc2_bias.
+
+    Weights use torch.nn.Linear's [out, in] layout: fc1_weight [F1, H] (F1 = 2F for gated
+    units), fc2_weight [H, F]. Under expert tensor parallelism they are this rank's F slice.
+    """
+
+    fc1_weight: torch.Tensor
+    fc1_bias: Optional[torch.Tensor]
+    fc2_weight: torch.Tensor
+    fc2_bias: Optional[torch.Tensor]
+
+
+def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
+    """act(a), or act(a_glu) * (a_linear + glu_linear_offset) for gated linear units.
+
+    Mirrors megatron.core.transformer.mlp.MLP's unfused activation, clamping included.
+    """
+    if not config.gated_linear_unit:
+        return config.activation_func(fc1_output)
+    a_glu, a_linear = torch.chunk(fc1_output, 2, dim=-1)
+    clamp = getattr(config, "activation_func_clamp_value", None)
+    if clamp is not None:
+        a_glu = a_glu.clamp(min=None, max=clamp)
+        a_linear = a_linear.clamp(min=-clamp, max=clamp)
+    return config.activation_func(a_glu) * (a_linear + getattr(config, "glu_linear_offset", 0.0))
+
+
+def expert_output_scores(
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    experts: Sequence[ExpertWeights],
+    config: TransformerConfig,
+    chunk_size: int,
+    add_fc2_bias: bool = True,
+) -> torch.Tensor:
+    """G[t, e] = <g_t, E_e(x_t)> for every token and local expert, chunk by chunk.
+
+    For E_e(x) = W2 h + b2 with h = act(W1 x + b1):
+
+        G[t, e] = <W2^T g_t, h_t> + <g_t, b2>
+
+    so each expert costs two dense GEMMs over the shared tokens (x W1^T and g W2) and a
+    row-wise dot product; no permutation. Only one chunk of h and W2^T g is alive at a time.
+
+    Precision notes: the GEMMs run in the expert weights' dtype, as the conventional expert
+    forward does; the dot products accumulate in fp32.
+
+    Args:
+        hidden: Expert input x, [num_tokens, H].
+        grad: Gradient g of the MoE output, [num_tokens, H].
+        experts: The local experts' weights.
+        config: The layer's config (activation function, gated linear unit).
+        chunk_size: Tokens per chunk.
+        add_fc2_bias: Add <g, b2>; False on all but one rank of an expert-TP group, since b2
+            is replicated there while the W2 slices' partial scores are summed.
+
+    Returns:
+        G, [num_tokens, len(experts)], fp32.
+    """
+    num_tokens = hidden.shape[0]
+    scores = torch.empty(num_tokens, len(experts), dtype=torch.float32, device=hidden.device)
+    for start in range(0, num_tokens, chunk_size):
+        end = min(start + chunk_size, num_tokens)
+        for e, w in enumerate(experts):
+            x = hidden[start:end].to(w.fc1_weight.dtype)
+            g = grad[start:end].to(w.fc2_weight.dtype)
+            h = expert_activation(F.linear(x, w.fc1_weight, w.fc1_bias), config)  # [C, F]
+            u = g @ w.fc2_weight  # [C, F]
+            chunk_scores = torch.linalg.vecdot(h.float(), u.float())
+            if add_fc2_bias and w.fc2_bias is not None:
+                chunk_scores += g.float() @ w.fc2_bias.float()
+            scores[start:end, e] = chunk_scores
+    return scores
+
+
+@dataclass
+class DenseReduction:
+    """What the backward needs to turn g into the router's dense gradient on this rank.
+
+    Parallel layout: tokens are gathered over ``tp_ep_group`` (expert-TP x EP ranks, ordered
+    EP-major like Megatron's dispatchers), whose members jointly hold every expert's full F.
+    Each member scores its local experts on all gathered tokens; an all-to-all returns each
+    token's [tokens, local experts] block to the token's rank, where the expert-TP partial
+    scores are summed. Only scalars travel back, never hidden vectors.
+    """
+
+    config: TransformerConfig
+    local_experts: Callable[[], Sequence[ExpertWeights]]
+    chunk_size: int
+    tp_ep_group: Optional[dist.ProcessGroup] = None
+    expert_tp_size: int = 1
+    expert_tp_rank: int = 0
+
+    def scores(self, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """G for this rank's tokens and all experts, [num_local_tokens, num_experts], fp32."""
+        group_size = _group_size(self.tp_ep_group)
+        if group_size > 1:
+            hidden = _all_gather_tokens(hidden, self.tp_ep_group)
+            grad = _all_gather_tokens(grad, self.tp_ep_group)
+        partial = expert_output_scores(
+            hidden,
+            grad,
+            self.local_experts(),
+            self.config,
+            self.chunk_size,
+            add_fc2_bias=self.expert_tp_rank == 0,
+        )  # [group tokens, local experts]
+        if group_size == 1:
+            return partial
+        # Block i of the result: member i's partial scores of this rank's tokens.
+        received = torch.empty_like(partial)
+        dist.all_to_all_single(received, partial.contiguous(), group=self.tp_ep_group)
+        ep_size = group_size // self.expert_tp_size
+        num_tokens, num_local_experts = partial.shape[0] // group_size, partial.shape[1]
+        received = received.view(ep_size, self.expert_tp_size, num_tokens, num_local_experts)
+        return received.sum(dim=1).permute(1, 0, 2).reshape(num_tokens, -1)
+
+
+def _group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def _all_gather_tokens(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Concatenates the ranks' [tokens, H] blocks along tokens, in group-rank order."""
+    size = dist.get_world_size(group)
+    output = tensor.new_empty((size * tensor.shape[0],) + tuple(tensor.shape[1:]))
+    dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
+    return output
+
+
+class DenseRouterGradFunction(torch.autograd.Function):
+    """Identity on the MoE output; in the backward, DenseMixer's gradient for the dense weights.
+
+    Forward: y -> y (bitwise; the conventional output is the forward value).
+
+    Backward, with g = dL/dy and G[t, e] = <g_t, E_e(x_t)> for every expert e:
+
+        dL/dy         = g                          (passed through to the conventional path)
+        dL/dw_dense_e = G_e                        for e not in K   ("partscale")
+        dL/dw_dense_e = G_e - sum_{j in K} (w_j / c) G_j   for e not in K   ("gated")
+        dL/dw_dense_e = 0                          for e in K (the conventional probs carry it)
+
+    where w are the conventional top-k probs, K the selected set and c the top-k scaling
+    factor. The experts' weights and the path from x through the experts receive nothing here,
+    so they keep exactly their conventional gradients.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        output: torch.Tensor,
+        dense_probs: torch.Tensor,
+        hidden_states: torch.Tensor,
+        probs: torch.Tensor,
+        routing_map: torch.Tensor,
+        reduction: DenseReduction,
+        variant: str,
+    ) -> torch.Tensor:
+        ctx.save_for_backward(hidden_states.detach(), probs.detach(), routing_map)
+        ctx.reduction = reduction
+        ctx.variant = variant
+        return output
+
+    @staticmethod
+    def backward(
+        ctx, grad_output: torch.Tensor
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], None, None, None, None, None]:
+        hidden_states, probs, routing_map = ctx.saved_tensors
+        grad_dense = None
+        if ctx.needs_input_grad[1]:
+            hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+            with torch.no_grad():
+                scores = ctx.reduction.scores(hidden, grad_output.reshape(hidden.shape))
+                if ctx.variant == "gated":
+                    scale = ctx.reduction.config.moe_router_topk_scaling_factor or 1.0
+                    baseline = (probs.float() * scores).sum(dim=-1, keepdim=True) / scale
+                    scores = scores - baseline
+                grad_dense = scores.masked_fill(routing_map, 0.0)
+        return (
+            grad_output,  # output
+            grad_dense,  # dense_probs
+            None,  # hidden_states
+            None,  # probs
+            None,  # routing_map
+            None,  # reduction
+            None,  # variant
+        )
+
+
+def dense_router_grad(
+    output: torch.Tensor,
+    dense_probs: torch.Tensor,
+    hidden_states: torch.Tensor,
+    probs: torch.Tensor,
+    routing_map: torch.Tensor,
+    reduction: DenseReduction,
+    variant: str = "partscale",
+) -> torch.Tensor:
+    """Attaches DenseMixer's router gradient to the MoE output; see DenseRouterGradFunction.
+
+    Args:
+        output: The conventional MoE output, [s, b, H]; returned unchanged.
+        dense_probs: Dense weights of the non-selected experts, [num_tokens, num_experts].
+        hidden_states: The MoE input x, [s, b, H].
+        probs: The conventional top-k probs, [num_tokens, num_experts].
+        routing_map: The selected experts, bool [num_tokens, num_experts].
+        reduction: How to compute G on this rank.
+        variant: "partscale" or "gated".
+    """
+    return DenseRouterGradFunction.apply(
+        output, dense_probs, hidden_states, probs, routing_map, reduction, variant
+    )

@@ -1,0 +1,92 @@
+"""Every megatron-core version difference the plugin depends on, in one place.
+
+Supported: megatron-core 0.16 to 0.19. The eras that matter here:
+
+- 0.16: ``MoELayer`` split into ``route``/``preprocess``/.../``postprocess`` step methods,
+  ``MoESubmodules.router`` and ``routing(..., padding_mask)`` appear;
+- 0.17: ``GroupedMLP`` (legacy grouped GEMM) is removed; routers take ``is_mtp_layer``;
+- 0.18: MoE specs become ``functools.partial(MoELayer, submodules=...)`` builders instead of
+  ``ModuleSpec(module=MoELayer, ...)``;
+- up to 0.17: ``TransformerLayer`` passes ``pg_collection`` to its MLP only when the spec's
+  module *is* ``MoELayer`` (an identity check), and ``tp_group`` otherwise, so a subclass
+  must accept ``tp_group`` and fall back to the default process groups.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Callable, Optional
+
+from megatron.core import package_info
+from megatron.core.transformer.moe import experts as _experts
+from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from packaging.version import Version
+
+MIN_MCORE_VERSION = Version("0.16.0")
+
+
+@functools.lru_cache(maxsize=None)
+def get_mcore_version() -> Version:
+    """The installed megatron-core version."""
+    return Version(package_info.__version__)
+
+
+def is_mcore_min_version(version: str) -> bool:
+    """Whether the installed megatron-core is at least ``version``."""
+    return get_mcore_version() >= Version(version)
+
+
+if get_mcore_version() < MIN_MCORE_VERSION:
+    raise ImportError(
+        f"megatron_densemixer requires megatron-core >= {MIN_MCORE_VERSION} (it builds on "
+        f"MoELayer.route/postprocess and MoESubmodules.router), found {get_mcore_version()}. "
+        "Upgrade with `pip install 'megatron-core>=0.16'`."
+    )
+
+SequentialMLP = _experts.SequentialMLP
+TEGroupedMLP = _experts.TEGroupedMLP
+# Removed in 0.17; None where absent so isinstance checks can skip it.
+GroupedMLP: Optional[type] = getattr(_experts, "GroupedMLP", None)
+
+
+def supported_score_functions() -> tuple[str, ...]:
+    """Router score functions of the installed megatron-core (sqrtsoftplus arrived after 0.16)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    field = TransformerConfig.__dataclass_fields__["moe_router_score_function"]
+    functions = ["softmax", "sigmoid"]
+    if "sqrtsoftplus" in str(field.type):
+        functions.append("sqrtsoftplus")
+    return tuple(functions)
+
+
+def moe_spec_parts(spec: Any) -> Optional[tuple[type, Any]]:
+    """Returns ``(module, submodules)`` of an MoE spec, or None if ``spec`` is not one.
+
+    Accepts both spec forms: ``ModuleSpec(module=MoELayer, submodules=...)`` (<= 0.17) and
+    ``functools.partial(MoELayer, submodules=...)`` (>= 0.18).
+    """
+    if isinstance(spec, ModuleSpec):
+        module, submodules = spec.module, spec.submodules
+    elif isinstance(spec, functools.partial):
+        module, submodules = spec.func, spec.keywords.get("submodules")
+    else:
+        return None
+    if isinstance(module, type) and issubclass(module, MoELayer):
+        return module, submodules
+    return None
+
+
+def replace_moe_spec(spec: Any, module: type, submodules: MoESubmodules) -> Any:
+    """Returns a copy of an MoE spec (either form) with ``module`` and ``submodules``."""
+    if isinstance(spec, ModuleSpec):
+        return dataclasses.replace(spec, module=module, submodules=submodules)
+    keywords = dict(spec.keywords, submodules=submodules)
+    return functools.partial(module, *spec.args, **keywords)
+
+
+def replace_router(submodules: MoESubmodules, router: Callable[..., Any]) -> MoESubmodules:
+    """Returns a copy of ``submodules`` whose router builder is ``router``."""
+    return dataclasses.replace(submodules, router=router)
