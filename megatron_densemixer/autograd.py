@@ -46,6 +46,7 @@ def expert_output_scores(
     config: TransformerConfig,
     chunk_size: int,
     add_fc2_bias: bool = True,
+    pairs: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """G[t, e] = <g_t, E_e(x_t)> for every token and local expert, chunk by chunk.
 
@@ -67,23 +68,45 @@ def expert_output_scores(
         chunk_size: Tokens per chunk.
         add_fc2_bias: Add <g, b2>; False on all but one rank of an expert-TP group, since b2
             is replicated there while the W2 slices' partial scores are summed.
+        pairs: Optional bool [num_tokens, len(experts)]: compute only these (token, expert)
+            pairs (gathering their tokens), leaving 0 elsewhere. None computes every pair.
 
     Returns:
         G, [num_tokens, len(experts)], fp32.
     """
     num_tokens = hidden.shape[0]
-    scores = torch.empty(num_tokens, len(experts), dtype=torch.float32, device=hidden.device)
-    for start in range(0, num_tokens, chunk_size):
-        end = min(start + chunk_size, num_tokens)
-        for e, w in enumerate(experts):
-            x = hidden[start:end].to(w.fc1_weight.dtype)
-            g = grad[start:end].to(w.fc2_weight.dtype)
-            h = expert_activation(F.linear(x, w.fc1_weight, w.fc1_bias), config)  # [C, F]
-            u = g @ w.fc2_weight  # [C, F]
-            chunk_scores = torch.linalg.vecdot(h.float(), u.float())
-            if add_fc2_bias and w.fc2_bias is not None:
-                chunk_scores += g.float() @ w.fc2_bias.float()
-            scores[start:end, e] = chunk_scores
+    shape, device = (num_tokens, len(experts)), hidden.device
+    scores = (
+        torch.empty(shape, dtype=torch.float32, device=device)
+        if pairs is None
+        else torch.zeros(shape, dtype=torch.float32, device=device)
+    )
+    for e, w in enumerate(experts):
+        rows = None if pairs is None else pairs[:, e].nonzero().squeeze(1)
+        count = num_tokens if rows is None else rows.numel()
+        for start in range(0, count, chunk_size):
+            index = slice(start, min(start + chunk_size, count))
+            if rows is not None:
+                index = rows[index]
+            scores[index, e] = _expert_scores(hidden[index], grad[index], w, config, add_fc2_bias)
+    return scores
+
+
+def _expert_scores(
+    x: torch.Tensor,
+    g: torch.Tensor,
+    w: ExpertWeights,
+    config: TransformerConfig,
+    add_fc2_bias: bool,
+) -> torch.Tensor:
+    """<W2^T g_t, h_t> (+ <g_t, b2>) for one block of tokens and one expert, fp32 [C]."""
+    x = x.to(w.fc1_weight.dtype)
+    g = g.to(w.fc2_weight.dtype)
+    h = expert_activation(F.linear(x, w.fc1_weight, w.fc1_bias), config)  # [C, F]
+    u = g @ w.fc2_weight  # [C, F]
+    scores = torch.linalg.vecdot(h.float(), u.float())
+    if add_fc2_bias and w.fc2_bias is not None:
+        scores += g.float() @ w.fc2_bias.float()
     return scores
 
 
@@ -104,20 +127,32 @@ class DenseReduction:
     tp_ep_group: Optional[dist.ProcessGroup] = None
     expert_tp_size: int = 1
     expert_tp_rank: int = 0
+    local_expert_offset: int = 0
 
-    def scores(self, hidden: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """G for this rank's tokens and all experts, [num_local_tokens, num_experts], fp32."""
+    def scores(
+        self, hidden: torch.Tensor, grad: torch.Tensor, pairs: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """G for this rank's tokens and all experts, [num_local_tokens, num_experts], fp32.
+
+        ``pairs`` (bool [num_local_tokens, num_experts]) restricts the work to those pairs.
+        """
         group_size = _group_size(self.tp_ep_group)
         if group_size > 1:
             hidden = _all_gather_tokens(hidden, self.tp_ep_group)
             grad = _all_gather_tokens(grad, self.tp_ep_group)
+            if pairs is not None:
+                pairs = _all_gather_tokens(pairs.to(torch.uint8), self.tp_ep_group).bool()
+        experts = self.local_experts()
+        if pairs is not None:
+            pairs = pairs[:, self.local_expert_offset : self.local_expert_offset + len(experts)]
         partial = expert_output_scores(
             hidden,
             grad,
-            self.local_experts(),
+            experts,
             self.config,
             self.chunk_size,
             add_fc2_bias=self.expert_tp_rank == 0,
+            pairs=pairs,
         )  # [group tokens, local experts]
         if group_size == 1:
             return partial
@@ -154,6 +189,10 @@ class DenseRouterGradFunction(torch.autograd.Function):
         dL/dw_dense_e = G_e - sum_{j in K} (w_j / c) G_j   for e not in K   ("gated")
         dL/dw_dense_e = 0                          for e in K (the conventional probs carry it)
 
+    With the opt-in approximations, G is computed only on ``pairs`` (the top-M experts by
+    score) and on a random fraction f of the tokens, whose gradients are scaled by 1/f so
+    their sum over tokens stays unbiased.
+
     where w are the conventional top-k probs, K the selected set and c the top-k scaling
     factor. The experts' weights and the path from x through the experts receive nothing here,
     so they keep exactly their conventional gradients.
@@ -167,37 +206,44 @@ class DenseRouterGradFunction(torch.autograd.Function):
         hidden_states: torch.Tensor,
         probs: torch.Tensor,
         routing_map: torch.Tensor,
+        pairs: Optional[torch.Tensor],
         reduction: DenseReduction,
         variant: str,
+        token_fraction: float,
     ) -> torch.Tensor:
-        ctx.save_for_backward(hidden_states.detach(), probs.detach(), routing_map)
+        ctx.save_for_backward(hidden_states.detach(), probs.detach(), routing_map, pairs)
         ctx.reduction = reduction
         ctx.variant = variant
+        ctx.token_fraction = token_fraction
         return output
 
     @staticmethod
     def backward(
         ctx, grad_output: torch.Tensor
-    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], None, None, None, None, None]:
-        hidden_states, probs, routing_map = ctx.saved_tensors
+    ) -> Tuple[torch.Tensor, Optional[torch.Tensor], None, None, None, None, None, None, None]:
+        hidden_states, probs, routing_map, pairs = ctx.saved_tensors
         grad_dense = None
         if ctx.needs_input_grad[1]:
             hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
             with torch.no_grad():
-                scores = ctx.reduction.scores(hidden, grad_output.reshape(hidden.shape))
+                scores = ctx.reduction.scores(hidden, grad_output.reshape(hidden.shape), pairs)
                 if ctx.variant == "gated":
                     scale = ctx.reduction.config.moe_router_topk_scaling_factor or 1.0
                     baseline = (probs.float() * scores).sum(dim=-1, keepdim=True) / scale
                     scores = scores - baseline
                 grad_dense = scores.masked_fill(routing_map, 0.0)
+                if ctx.token_fraction < 1.0:
+                    grad_dense /= ctx.token_fraction
         return (
             grad_output,  # output
             grad_dense,  # dense_probs
             None,  # hidden_states
             None,  # probs
             None,  # routing_map
+            None,  # pairs
             None,  # reduction
             None,  # variant
+            None,  # token_fraction
         )
 
 
@@ -209,6 +255,8 @@ def dense_router_grad(
     routing_map: torch.Tensor,
     reduction: DenseReduction,
     variant: str = "partscale",
+    pairs: Optional[torch.Tensor] = None,
+    token_fraction: float = 1.0,
 ) -> torch.Tensor:
     """Attaches DenseMixer's router gradient to the MoE output; see DenseRouterGradFunction.
 
@@ -220,7 +268,17 @@ def dense_router_grad(
         routing_map: The selected experts, bool [num_tokens, num_experts].
         reduction: How to compute G on this rank.
         variant: "partscale" or "gated".
+        pairs: Optional bool [num_tokens, num_experts]: the (token, expert) pairs to score.
+        token_fraction: The fraction of tokens ``pairs`` samples (their grads scale by 1/f).
     """
     return DenseRouterGradFunction.apply(
-        output, dense_probs, hidden_states, probs, routing_map, reduction, variant
+        output,
+        dense_probs,
+        hidden_states,
+        probs,
+        routing_map,
+        pairs,
+        reduction,
+        variant,
+        token_fraction,
     )

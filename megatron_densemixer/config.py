@@ -35,6 +35,14 @@ class DenseMixerTransformerConfig(TransformerConfig):
     """Memory budget, in MiB, for the activations of one chunk of the dense reduction; used
     when moe_dense_router_grad_chunk_size is None."""
 
+    moe_dense_router_grad_topm: Optional[int] = None
+    """Approximation, off by default: give the dense gradient only to the top-M experts by
+    router score (M > moe_router_topk); the others get the conventional zero."""
+
+    moe_dense_router_grad_token_fraction: float = 1.0
+    """Approximation, off at 1.0: compute the dense gradient on this random fraction f of the
+    tokens and scale theirs by 1/f (an unbiased estimate of the router weight gradient)."""
+
     def __post_init__(self) -> None:
         super().__post_init__()
         validate_dense_router_grad(self)
@@ -66,6 +74,20 @@ def validate_dense_router_grad(config: TransformerConfig) -> None:
     budget = getattr(config, "moe_dense_router_grad_chunk_budget_mb", 256.0)
     if budget <= 0:
         fail(f"moe_dense_router_grad_chunk_budget_mb must be positive, got {budget}.")
+
+    topm = getattr(config, "moe_dense_router_grad_topm", None)
+    if topm is not None and not config.moe_router_topk < topm <= config.num_moe_experts:
+        fail(
+            f"moe_dense_router_grad_topm={topm} must satisfy moe_router_topk "
+            f"({config.moe_router_topk}) < M <= num_moe_experts ({config.num_moe_experts}); "
+            "set it to None for the exact gradient."
+        )
+    fraction = getattr(config, "moe_dense_router_grad_token_fraction", 1.0)
+    if not 0.0 < fraction <= 1.0:
+        fail(
+            f"moe_dense_router_grad_token_fraction={fraction} must be in (0, 1]; "
+            "1.0 gives the exact gradient."
+        )
 
     # Sinkhorn's probs are not a function of per-expert scores that top-k merely masks.
     if config.moe_router_load_balancing_type == "sinkhorn":

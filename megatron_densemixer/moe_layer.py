@@ -82,6 +82,30 @@ def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtyp
     return max(1, int(budget // bytes_per_token))
 
 
+def dense_pairs(
+    dense_probs: torch.Tensor, routing_map: torch.Tensor, config: TransformerConfig
+) -> Optional[torch.Tensor]:
+    """The (token, expert) pairs the backward scores under the opt-in approximations.
+
+    None (every pair, the exact gradient) unless ``moe_dense_router_grad_topm`` or
+    ``moe_dense_router_grad_token_fraction`` is set. Top-M keeps K plus the M - k
+    non-selected experts with the highest scores (K stays in, as the gated baseline needs
+    its G); the token fraction keeps each token with probability f.
+    """
+    topm = getattr(config, "moe_dense_router_grad_topm", None)
+    fraction = getattr(config, "moe_dense_router_grad_token_fraction", 1.0)
+    if topm is None and fraction >= 1.0:
+        return None
+    pairs = torch.ones_like(routing_map)
+    if topm is not None:
+        extra = dense_probs.topk(topm - config.moe_router_topk, dim=-1).indices
+        pairs = routing_map.clone().scatter_(1, extra, True)
+    if fraction < 1.0:
+        keep = torch.rand(routing_map.shape[0], device=routing_map.device) < fraction
+        pairs &= keep.unsqueeze(1)
+    return pairs
+
+
 class DenseMixerMoELayer(MoELayer):
     """MoELayer whose router also learns from every expert's output (DenseMixer).
 
@@ -137,6 +161,7 @@ class DenseMixerMoELayer(MoELayer):
             tp_ep_group=pg_collection.tp_ep,
             expert_tp_size=pg_collection.expt_tp.size(),
             expert_tp_rank=pg_collection.expt_tp.rank(),
+            local_expert_offset=self.local_expert_indices[0],
         )
 
     def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
@@ -144,7 +169,8 @@ class DenseMixerMoELayer(MoELayer):
         probs, routing_map = super().route(hidden_states, *args, **kwargs)
         dense_probs = self.router.pop_dense_probs() if self.dense_reduction else None
         if dense_probs is not None:
-            self._pending_dense = (dense_probs, hidden_states, probs.detach(), routing_map)
+            pairs = dense_pairs(dense_probs.detach(), routing_map, self.config)
+            self._pending_dense = (dense_probs, hidden_states, probs.detach(), routing_map, pairs)
         return probs, routing_map
 
     def postprocess(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -152,7 +178,7 @@ class DenseMixerMoELayer(MoELayer):
         output = super().postprocess(output, *args, **kwargs)
         pending, self._pending_dense = self._pending_dense, None
         if pending is not None:
-            dense_probs, hidden_states, probs, routing_map = pending
+            dense_probs, hidden_states, probs, routing_map, pairs = pending
             output = dense_router_grad(
                 output,
                 dense_probs,
@@ -161,5 +187,7 @@ class DenseMixerMoELayer(MoELayer):
                 routing_map,
                 self.dense_reduction,
                 getattr(self.config, "moe_dense_router_grad_variant", "partscale"),
+                pairs,
+                getattr(self.config, "moe_dense_router_grad_token_fraction", 1.0),
             )
         return output
