@@ -58,7 +58,7 @@ def expert_output_scores(
     row-wise dot product; no permutation. Only one chunk of h and W2^T g is alive at a time.
 
     Precision notes: the GEMMs run in the expert weights' dtype, as the conventional expert
-    forward does; the dot products accumulate in fp32.
+    forward does; the dot products accumulate in fp32 (fp64 for fp64 weights).
 
     Args:
         hidden: Expert input x, [num_tokens, H].
@@ -72,15 +72,13 @@ def expert_output_scores(
             pairs (gathering their tokens), leaving 0 elsewhere. None computes every pair.
 
     Returns:
-        G, [num_tokens, len(experts)], fp32.
+        G, [num_tokens, len(experts)], in the accumulation dtype.
     """
     num_tokens = hidden.shape[0]
+    accumulate = torch.promote_types(experts[0].fc2_weight.dtype, torch.float32)
     shape, device = (num_tokens, len(experts)), hidden.device
-    scores = (
-        torch.empty(shape, dtype=torch.float32, device=device)
-        if pairs is None
-        else torch.zeros(shape, dtype=torch.float32, device=device)
-    )
+    new = torch.empty if pairs is None else torch.zeros
+    scores = new(shape, dtype=accumulate, device=device)
     for e, w in enumerate(experts):
         rows = None if pairs is None else pairs[:, e].nonzero().squeeze(1)
         count = num_tokens if rows is None else rows.numel()
@@ -99,14 +97,15 @@ def _expert_scores(
     config: TransformerConfig,
     add_fc2_bias: bool,
 ) -> torch.Tensor:
-    """<W2^T g_t, h_t> (+ <g_t, b2>) for one block of tokens and one expert, fp32 [C]."""
+    """<W2^T g_t, h_t> (+ <g_t, b2>) for one block of tokens and one expert, [C]."""
+    accumulate = torch.promote_types(w.fc2_weight.dtype, torch.float32)
     x = x.to(w.fc1_weight.dtype)
     g = g.to(w.fc2_weight.dtype)
     h = expert_activation(F.linear(x, w.fc1_weight, w.fc1_bias), config)  # [C, F]
     u = g @ w.fc2_weight  # [C, F]
-    scores = torch.linalg.vecdot(h.float(), u.float())
+    scores = torch.linalg.vecdot(h.to(accumulate), u.to(accumulate))
     if add_fc2_bias and w.fc2_bias is not None:
-        scores += g.float() @ w.fc2_bias.float()
+        scores += g.to(accumulate) @ w.fc2_bias.to(accumulate)
     return scores
 
 
@@ -163,6 +162,83 @@ class DenseReduction:
         num_tokens, num_local_experts = partial.shape[0] // group_size, partial.shape[1]
         received = received.view(ep_size, self.expert_tp_size, num_tokens, num_local_experts)
         return received.sum(dim=1).permute(1, 0, 2).reshape(num_tokens, -1)
+
+
+class DenseRouterGradCommBytes(NamedTuple):
+    """Bytes one rank receives in the dense backward of one MoE layer (``DenseReduction``).
+
+    Each collective is symmetric, so a rank also sends as many bytes as it receives.
+    """
+
+    all_gather_hidden: int
+    """All-gather of the MoE input x over the expert-TP x EP group."""
+    all_gather_grad: int
+    """All-gather of g = dL/dy over the same group."""
+    all_to_all_scores: int
+    """All-to-all returning the fp32 partial scores G of each rank's tokens."""
+    all_gather_pairs: int
+    """All-gather of the uint8 (token, expert) mask; only with the opt-in approximations."""
+
+    @property
+    def total(self) -> int:
+        """All four together."""
+        return (
+            self.all_gather_hidden
+            + self.all_gather_grad
+            + self.all_to_all_scores
+            + self.all_gather_pairs
+        )
+
+
+def dense_router_grad_comm_bytes(
+    config: TransformerConfig,
+    num_tokens_per_rank: int,
+    dtype: Optional[torch.dtype] = None,
+    expert_model_parallel_size: Optional[int] = None,
+    expert_tensor_parallel_size: Optional[int] = None,
+) -> DenseRouterGradCommBytes:
+    """Communication volume of ``DenseReduction.scores`` per rank and MoE layer.
+
+    With P = ETP * EP ranks in the expert-TP x EP group, T tokens per rank (the MoE input's
+    s * b on that rank), hidden size H, E experts, L = E / EP local experts and b bytes per
+    element of x and g:
+
+        all_gather_hidden = all_gather_grad = (P - 1) T H b
+        all_to_all_scores = (P - 1) T L 4       (fp32 partial scores)
+        all_gather_pairs  = (P - 1) T E         (uint8; 0 unless moe_dense_router_grad_topm
+                                                 or moe_dense_router_grad_token_fraction
+                                                 is set)
+
+    all zero when P = 1.
+
+    Args:
+        config: The layer's config (hidden size, experts, parallel sizes, params dtype).
+        num_tokens_per_rank: T, the tokens entering the MoE layer on one rank.
+        dtype: dtype of x and g; defaults to ``config.params_dtype``.
+        expert_model_parallel_size: EP; defaults to ``config.expert_model_parallel_size``.
+        expert_tensor_parallel_size: ETP; defaults to ``config.expert_tensor_parallel_size``
+            (which Megatron sets to the tensor-parallel size when left unset).
+
+    Returns:
+        The bytes of each collective; ``.total`` sums them.
+    """
+    ep = expert_model_parallel_size or config.expert_model_parallel_size
+    etp = expert_tensor_parallel_size or config.expert_tensor_parallel_size
+    etp = etp or config.tensor_model_parallel_size
+    element = torch.empty((), dtype=dtype or config.params_dtype).element_size()
+    others = ep * etp - 1
+    num_experts = config.num_moe_experts
+    approximate = (
+        getattr(config, "moe_dense_router_grad_topm", None) is not None
+        or getattr(config, "moe_dense_router_grad_token_fraction", 1.0) < 1.0
+    )
+    hidden = others * num_tokens_per_rank * config.hidden_size * element
+    return DenseRouterGradCommBytes(
+        all_gather_hidden=hidden,
+        all_gather_grad=hidden,
+        all_to_all_scores=others * num_tokens_per_rank * (num_experts // ep) * 4,
+        all_gather_pairs=others * num_tokens_per_rank * num_experts if approximate else 0,
+    )
 
 
 def _group_size(group: Optional[dist.ProcessGroup]) -> int:
