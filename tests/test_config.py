@@ -7,36 +7,19 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_densemixer import DenseMixerTransformerConfig, validate_dense_router_grad
 from megatron_densemixer.moe_layer import local_expert_weights
-
-BASE = dict(
-    num_layers=1,
-    hidden_size=16,
-    ffn_hidden_size=24,
-    num_attention_heads=4,
-    num_moe_experts=8,
-    moe_router_topk=2,
-    gated_linear_unit=True,
-    activation_func=F.silu,
-    add_bias_linear=False,
-    moe_token_dispatcher_type="allgather",
-    moe_router_load_balancing_type="none",
-    moe_aux_loss_coeff=0.0,
-    use_cpu_initialization=True,
-    moe_dense_router_grad=True,
-)
+from tests.test_moe_layer import make_config
 
 
 def config(**overrides) -> DenseMixerTransformerConfig:
-    return DenseMixerTransformerConfig(**{**BASE, **overrides})
+    return make_config(**overrides)
 
 
 def test_defaults():
     """The flag is off by default and the options default to the reference's behaviour."""
-    plain = DenseMixerTransformerConfig(**{**BASE, "moe_dense_router_grad": False})
+    plain = config(moe_dense_router_grad=False)
     assert plain.moe_dense_router_grad is False
     assert plain.moe_dense_router_grad_variant == "partscale"
     assert plain.moe_dense_router_grad_topm is None
@@ -45,13 +28,14 @@ def test_defaults():
 
 def test_flag_off_skips_validation():
     """Options that DenseMixer rejects are fine for conventional training."""
-    DenseMixerTransformerConfig(
-        **{**BASE, "moe_dense_router_grad": False, "moe_expert_capacity_factor": 1.0}
-    )
+    config(moe_dense_router_grad=False, moe_expert_capacity_factor=1.0)
 
 
 BAD = [
-    (dict(num_moe_experts=None), "requires an MoE model; set num_moe_experts"),
+    (
+        dict(num_moe_experts=None, moe_ffn_hidden_size=None),
+        "requires an MoE model; set num_moe_experts",
+    ),
     (dict(moe_dense_router_grad_variant="dense"), "must be one of \\('partscale', 'gated'\\)"),
     (
         dict(moe_dense_router_grad_variant="gated", moe_router_pre_softmax=True),

@@ -21,7 +21,6 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron_densemixer import (
     DenseMixerMoELayer,
     DenseMixerTopKRouter,
-    DenseMixerTransformerConfig,
     compat,
     densemixer_spec,
 )
@@ -199,22 +198,14 @@ def test_te_grouped_mlp_on_gpu():
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA and Transformer Engine: TEGroupedMLP cannot run on CPU")
     pytest.importorskip("transformer_engine", reason="Transformer Engine is not installed")
-    config = DenseMixerTransformerConfig(
-        num_layers=1,
+    config = make_config(
         hidden_size=64,
         ffn_hidden_size=96,
-        num_attention_heads=4,
-        num_moe_experts=8,
-        moe_router_topk=2,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        moe_ffn_hidden_size=96,
         moe_grouped_gemm=True,
         bf16=True,
         params_dtype=torch.bfloat16,
-        moe_router_dtype="fp32",
         moe_token_dispatcher_type="alltoall",
-        moe_dense_router_grad=True,
     )
     spec = densemixer_spec(get_moe_module_spec(use_te=True, num_experts=8, moe_grouped_gemm=True))
     layer = spec.module(config=config, submodules=spec.submodules).cuda()
