@@ -4,7 +4,12 @@ Turn on ``moe_dense_router_grad`` in a DenseMixerTransformerConfig and build the
 spec passed through ``densemixer_spec``.
 """
 
-from megatron_densemixer.autograd import DenseRouterGradFunction, dense_router_grad
+from megatron_densemixer.autograd import (
+    DenseRouterGradCommBytes,
+    DenseRouterGradFunction,
+    dense_router_grad,
+    dense_router_grad_comm_bytes,
+)
 from megatron_densemixer.config import DenseMixerTransformerConfig, validate_dense_router_grad
 from megatron_densemixer.moe_layer import DenseMixerMoELayer
 from megatron_densemixer.router import DenseMixerTopKRouter, dense_router_probs
@@ -14,8 +19,10 @@ __all__ = [
     "DenseMixerMoELayer",
     "DenseMixerTopKRouter",
     "DenseMixerTransformerConfig",
+    "DenseRouterGradCommBytes",
     "DenseRouterGradFunction",
     "dense_router_grad",
+    "dense_router_grad_comm_bytes",
     "dense_router_probs",
     "densemixer_spec",
     "validate_dense_router_grad",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -113,11 +113,13 @@ def _expert_scores(
 class DenseReduction:
     """What the backward needs to turn g into the router's dense gradient on this rank.
 
-    Parallel layout: tokens are gathered over ``tp_ep_group`` (expert-TP x EP ranks, ordered
-    EP-major like Megatron's dispatchers), whose members jointly hold every expert's full F.
-    Each member scores its local experts on all gathered tokens; an all-to-all returns each
-    token's [tokens, local experts] block to the token's rank, where the expert-TP partial
-    scores are summed. Only scalars travel back, never hidden vectors.
+    Parallel layout: tokens are gathered over ``tp_ep_group`` (expert-TP x EP ranks, whose
+    group rank is ep_rank * expert_tp_size + expert_tp_rank, the order Megatron's
+    dispatchers assume), whose members jointly hold every expert's full F. Each member scores
+    its local experts on all gathered tokens; an all-to-all returns each token's
+    [tokens, local experts] block to the token's rank, where the expert-TP partial scores are
+    summed. Only scalars travel back, never hidden vectors. Members may hold different
+    numbers of tokens (the all-to-all dispatcher allows it): the gathers pad to the largest.
     """
 
     config: TransformerConfig
@@ -135,12 +137,14 @@ class DenseReduction:
 
         ``pairs`` (bool [num_local_tokens, num_experts]) restricts the work to those pairs.
         """
-        group_size = _group_size(self.tp_ep_group)
+        group, group_size = self.tp_ep_group, _group_size(self.tp_ep_group)
+        num_tokens = hidden.shape[0]
         if group_size > 1:
-            hidden = _all_gather_tokens(hidden, self.tp_ep_group)
-            grad = _all_gather_tokens(grad, self.tp_ep_group)
+            counts = _token_counts(num_tokens, group, hidden.device)
+            hidden = _all_gather_tokens(hidden, group, counts)
+            grad = _all_gather_tokens(grad, group, counts)
             if pairs is not None:
-                pairs = _all_gather_tokens(pairs.to(torch.uint8), self.tp_ep_group).bool()
+                pairs = _all_gather_tokens(pairs.to(torch.uint8), group, counts).bool()
         experts = self.local_experts()
         if pairs is not None:
             pairs = pairs[:, self.local_expert_offset : self.local_expert_offset + len(experts)]
@@ -155,11 +159,18 @@ class DenseReduction:
         )  # [group tokens, local experts]
         if group_size == 1:
             return partial
-        # Block i of the result: member i's partial scores of this rank's tokens.
-        received = torch.empty_like(partial)
-        dist.all_to_all_single(received, partial.contiguous(), group=self.tp_ep_group)
+        # Send member i the rows of its tokens; block i received: member i's partial scores
+        # of this rank's tokens, for member i's local experts (or its F-slice of them).
+        num_local_experts = partial.shape[1]
+        received = partial.new_empty((group_size * num_tokens, num_local_experts))
+        dist.all_to_all_single(
+            received,
+            partial.contiguous(),
+            output_split_sizes=[num_tokens] * group_size,
+            input_split_sizes=counts,
+            group=group,
+        )
         ep_size = group_size // self.expert_tp_size
-        num_tokens, num_local_experts = partial.shape[0] // group_size, partial.shape[1]
         received = received.view(ep_size, self.expert_tp_size, num_tokens, num_local_experts)
         return received.sum(dim=1).permute(1, 0, 2).reshape(num_tokens, -1)
 
@@ -178,16 +189,13 @@ class DenseRouterGradCommBytes(NamedTuple):
     """All-to-all returning the fp32 partial scores G of each rank's tokens."""
     all_gather_pairs: int
     """All-gather of the uint8 (token, expert) mask; only with the opt-in approximations."""
+    all_gather_token_counts: int
+    """All-gather of the members' int64 token counts."""
 
     @property
     def total(self) -> int:
-        """All four together."""
-        return (
-            self.all_gather_hidden
-            + self.all_gather_grad
-            + self.all_to_all_scores
-            + self.all_gather_pairs
-        )
+        """All five together."""
+        return sum(self)
 
 
 def dense_router_grad_comm_bytes(
@@ -204,12 +212,15 @@ def dense_router_grad_comm_bytes(
     element of x and g:
 
         all_gather_hidden = all_gather_grad = (P - 1) T H b
-        all_to_all_scores = (P - 1) T L 4       (fp32 partial scores)
-        all_gather_pairs  = (P - 1) T E         (uint8; 0 unless moe_dense_router_grad_topm
-                                                 or moe_dense_router_grad_token_fraction
-                                                 is set)
+        all_to_all_scores       = (P - 1) T L 4   (fp32 partial scores)
+        all_gather_pairs        = (P - 1) T E     (uint8; 0 unless moe_dense_router_grad_topm
+                                                   or moe_dense_router_grad_token_fraction
+                                                   is set)
+        all_gather_token_counts = (P - 1) 8
 
-    all zero when P = 1.
+    all zero when P = 1. When members hold different token counts, the all-gathers pad every
+    block to the largest count, so T_max replaces T there; in the all-to-all each rank still
+    receives (P - 1) T L 4 bytes for its own T.
 
     Args:
         config: The layer's config (hidden size, experts, parallel sizes, params dtype).
@@ -238,6 +249,7 @@ def dense_router_grad_comm_bytes(
         all_gather_grad=hidden,
         all_to_all_scores=others * num_tokens_per_rank * (num_experts // ep) * 4,
         all_gather_pairs=others * num_tokens_per_rank * num_experts if approximate else 0,
+        all_gather_token_counts=others * 8,
     )
 
 
@@ -245,12 +257,34 @@ def _group_size(group: Optional[dist.ProcessGroup]) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
 
-def _all_gather_tokens(tensor: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Concatenates the ranks' [tokens, H] blocks along tokens, in group-rank order."""
-    size = dist.get_world_size(group)
-    output = tensor.new_empty((size * tensor.shape[0],) + tuple(tensor.shape[1:]))
+def _token_counts(num_tokens: int, group: dist.ProcessGroup, device: torch.device) -> List[int]:
+    """Every group member's token count, in group-rank order.
+
+    One tiny all-gather, plus a device-to-host copy to size the next collectives (the same
+    kind of sync the all-to-all dispatcher makes for its split sizes).
+    """
+    count = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+    counts = count.new_empty(dist.get_world_size(group))
+    dist.all_gather_into_tensor(counts, count, group=group)
+    return counts.tolist()
+
+
+def _all_gather_tokens(
+    tensor: torch.Tensor, group: dist.ProcessGroup, counts: List[int]
+) -> torch.Tensor:
+    """Concatenates the members' [tokens, ...] blocks along tokens, in group-rank order.
+
+    Uneven blocks are padded to the largest for the all-gather, then trimmed.
+    """
+    size, largest = len(counts), max(counts)
+    if tensor.shape[0] < largest:
+        padding = tensor.new_zeros((largest - tensor.shape[0],) + tuple(tensor.shape[1:]))
+        tensor = torch.cat([tensor, padding])
+    output = tensor.new_empty((size * largest,) + tuple(tensor.shape[1:]))
     dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
-    return output
+    if min(counts) == largest:
+        return output
+    return torch.cat([block[:n] for block, n in zip(output.split(largest), counts, strict=True)])
 
 
 class DenseRouterGradFunction(torch.autograd.Function):

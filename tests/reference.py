@@ -115,8 +115,19 @@ def _select(s_row: torch.Tensor, z_row: torch.Tensor, r: Routing) -> List[int]:
     return sorted(allowed, key=lambda e: -sel[e].item())[: r.topk]
 
 
-def reference(model: Model, x: torch.Tensor, g: torch.Tensor, r: Routing, dense: bool) -> Result:
-    """Forward value and gradients of loss = sum(y * g) (+ aux/z losses) in float64."""
+def reference(
+    model: Model,
+    x: torch.Tensor,
+    g: torch.Tensor,
+    r: Routing,
+    dense: bool,
+    forced_selection: Optional[torch.Tensor] = None,
+) -> Result:
+    """Forward value and gradients of loss = sum(y * g) (+ aux/z losses) in float64.
+
+    ``forced_selection`` (bool [T, E]) is the set K of every token, as routing replay
+    imposes it; None selects K from the scores.
+    """
     x = x.to(f64)
     g = g.to(f64)
     num_tokens, num_experts = x.shape[0], model.router_w.shape[0]
@@ -135,7 +146,10 @@ def reference(model: Model, x: torch.Tensor, g: torch.Tensor, r: Routing, dense:
     weights = torch.zeros(num_tokens, num_experts, dtype=f64)
     ds = torch.zeros(num_tokens, num_experts, dtype=f64)
     for t in range(num_tokens):
-        K = _select(s[t], z[t], r)
+        if forced_selection is None:
+            K = _select(s[t], z[t], r)
+        else:
+            K = forced_selection[t].nonzero()[:, 0].tolist()
         selected[t, K] = True
         S = sum(s[t, e] for e in K) + eps
         for e in K:

@@ -1,0 +1,606 @@
+"""DenseMixerMoELayer under EP, TP + SP and expert TP, recompute and routing replay, on CPU.
+
+Every multi-rank case runs the same model on the same global batch as one rank does and must
+reproduce that rank's output, input gradient, router gradient and expert gradients. The
+parallel cases of one world size run one after another inside a single gloo world (one
+process start-up per world size); their errors come back to the parent, where one test per
+case checks them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
+
+from megatron_densemixer import (
+    DenseMixerMoELayer,
+    DenseMixerTransformerConfig,
+    dense_router_grad_comm_bytes,
+    densemixer_spec,
+)
+from tests import reference as ref
+from tests.megatron_cpu import (
+    build_moe_layer,
+    init_model_parallel,
+    run_distributed,
+    shard_moe_state_dict,
+)
+
+SEQ, BATCH, HIDDEN, FFN, EXPERTS, TOPK = 6, 4, 16, 24, 8, 2
+
+# Norm-relative tolerance of every fp32 comparison with the single-rank run. The parallel run
+# computes the same products; only the order of the sums differs (cross-rank all-reduces,
+# expert-TP partial sums of fc2 and of G, the dispatchers' permutations). fp32's unit
+# roundoff is 6e-8 and no entry here sums more than a few hundred terms, so honest results
+# agree to ~1e-6; a token, expert or F-slice scored on the wrong rank or summed twice moves
+# the norm by more than 1e-2.
+TOL = 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Model, data and gradient reduction shared by the single- and multi-rank runs
+# --------------------------------------------------------------------------------------
+def make_config(
+    dispatcher: str = "alltoall", tp: int = 1, ep: int = 1, etp: Optional[int] = None, **kw
+) -> DenseMixerTransformerConfig:
+    fields = dict(
+        num_layers=1,
+        hidden_size=HIDDEN,
+        ffn_hidden_size=FFN,
+        moe_ffn_hidden_size=FFN,
+        num_attention_heads=4,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=TOPK,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_token_dispatcher_type=dispatcher,
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        use_cpu_initialization=True,
+        moe_dense_router_grad=True,
+        tensor_model_parallel_size=tp,
+        expert_model_parallel_size=ep,
+        expert_tensor_parallel_size=etp,
+        # Megatron's MoELayer refuses to train with TP > 1 unless SP is on.
+        sequence_parallel=tp > 1,
+    )
+    fields.update(kw)
+    return DenseMixerTransformerConfig(**fields)
+
+
+def build_dense_layer(config: DenseMixerTransformerConfig) -> DenseMixerMoELayer:
+    spec = densemixer_spec(get_moe_module_spec(use_te=False, num_experts=EXPERTS))
+    layer = build_moe_layer(config, spec=spec)
+    assert type(layer) is DenseMixerMoELayer
+    return layer
+
+
+def global_batch():
+    """x and g of the whole batch, [SEQ, BATCH, HIDDEN], identical in every process."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+    g = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
+    return x, g
+
+
+def run_layer(layer, x: torch.Tensor, g: torch.Tensor, full_recompute: bool = False):
+    """Forward + backward of loss = sum(y * g); returns y, dL/dx and every param grad.
+
+    ``full_recompute`` wraps the call in tensor_parallel.checkpoint, as TransformerBlock's
+    full-layer recompute does.
+    """
+    from megatron.core import tensor_parallel
+
+    layer.zero_grad(set_to_none=True)
+    x = x.clone().requires_grad_(True)
+    if full_recompute:
+        y, _ = tensor_parallel.checkpoint(layer, False, x)
+    else:
+        y, _ = layer(x)
+    y.backward(g)
+    grads = {
+        name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+        for name, p in layer.named_parameters()
+    }
+    return y.detach(), x.grad, grads
+
+
+def finalize_grads(layer, config) -> None:
+    """The gradient reductions of Megatron's DDP + finalize_model_grads, as plain sums.
+
+    DDP.finish_grad_sync all-reduces expert params over the expert data-parallel group and
+    every other param over the data-parallel group; then finalize_model_grads sums params
+    marked ``sequence_parallel`` (the router weight under SP) over the tensor-parallel
+    group, with Megatron's own function. Sums, not means, are right for loss = sum(y * g):
+    they are what calculate_per_token_loss=True does, and averaging scales every grad by the
+    same 1/dp.
+
+    Expert params are picked by module here. megatron-core 0.16.1's DDP picks them by
+    ``param.allreduce``, which its linears set to False only when EP > 1; with EP = 1 and
+    expert TP != TP it would sum different F-slices over the data-parallel group (a
+    conventional-MoE limitation, independent of this plugin).
+    """
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import (
+        _allreduce_non_tensor_model_parallel_grads,
+    )
+
+    expert_params = {id(p) for p in layer.experts.parameters()}
+    for param in layer.parameters():
+        if id(param) in expert_params:
+            group = ps.get_expert_data_parallel_group()
+        else:
+            group = ps.get_data_parallel_group(with_context_parallel=True)
+        dist.all_reduce(param.grad, group=group)
+
+    class _Chunk:  # what finalize_model_grads unwraps: a DDP-like holder of the module
+        def __init__(self, module):
+            self.module, self.ddp_config = module, DistributedDataParallelConfig()
+
+    _allreduce_non_tensor_model_parallel_grads(
+        [_Chunk(layer)], config, ps.get_tensor_model_parallel_group()
+    )
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
+
+
+def reference_model(layer, config) -> ref.Model:
+    """The float64 reference model holding ``layer``'s (single-rank) weights."""
+    experts = [
+        ref.Expert(
+            mlp.linear_fc1.weight.detach().double(),
+            None,
+            mlp.linear_fc2.weight.detach().double(),
+            None,
+        )
+        for mlp in layer.experts.local_experts
+    ]
+    return ref.Model(
+        router_w=layer.router.weight.detach().double(),
+        router_b=None,
+        experts=experts,
+        act=config.activation_func,
+        glu=config.gated_linear_unit,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Multi-rank cases
+# --------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Case:
+    world: int
+    dispatcher: str
+    tp: int = 1
+    ep: int = 1
+    etp: Optional[int] = None
+    recompute: Optional[str] = None  # None, "moe" (selective) or "full" (layer checkpoint)
+    float64: bool = False  # also compare with the float64 reference
+    # Unequal batch shares on the two data-parallel ranks (3 and 1 of BATCH), as packed or
+    # dynamically batched sequences give; only the alltoall dispatcher accepts them.
+    uneven: bool = False
+
+
+def _cases() -> Dict[str, Case]:
+    cases = {}
+    for d in ("allgather", "alltoall"):
+        cases[f"ep2_{d}"] = Case(2, d, ep=2)
+        cases[f"tp2_sp_{d}"] = Case(2, d, tp=2)  # expert TP = TP = 2
+        cases[f"etp2_tp1_{d}"] = Case(2, d, etp=2)
+        cases[f"ep4_{d}"] = Case(4, d, ep=4)
+        cases[f"ep2_tp2_sp_{d}"] = Case(4, d, tp=2, ep=2, float64=d == "alltoall")
+        # Expert TP smaller than TP: the tp_ep group is the EP group alone.
+        cases[f"ep2_tp2_sp_etp1_{d}"] = Case(4, d, tp=2, ep=2, etp=1)
+        # Expert data parallelism: expert grads are summed over two EP replicas.
+        cases[f"ep2_dp2_{d}"] = Case(4, d, ep=2)
+        cases[f"etp2_ep2_tp1_{d}"] = Case(4, d, ep=2, etp=2)
+    cases["ep2_alltoall_uneven"] = Case(2, "alltoall", ep=2, uneven=True)
+    cases["etp2_tp1_alltoall_uneven"] = Case(2, "alltoall", etp=2, uneven=True)
+    cases["ep2_tp2_sp_alltoall_uneven"] = Case(4, "alltoall", tp=2, ep=2, uneven=True)
+    cases["ep2_alltoall_recompute_moe"] = Case(2, "alltoall", ep=2, recompute="moe")
+    cases["ep2_allgather_recompute_full"] = Case(2, "allgather", ep=2, recompute="full")
+    cases["ep2_tp2_sp_alltoall_recompute_moe"] = Case(4, "alltoall", tp=2, ep=2, recompute="moe")
+    return cases
+
+
+CASES = _cases()
+
+
+def _single_rank(dispatcher: str) -> dict:
+    """The whole batch through one rank's model (no parallelism): the expected values."""
+    init_model_parallel(tp=1, ep=1)
+    config = make_config(dispatcher)
+    torch.manual_seed(0)
+    layer = build_dense_layer(config)
+    x, g = global_batch()
+    y, dx, grads = run_layer(layer, x, g)
+    conventional = build_moe_layer(dataclasses.replace(config, moe_dense_router_grad=False))
+    conventional.load_state_dict(layer.state_dict(), strict=True)
+    _, _, grads_conv = run_layer(conventional, x, g)
+    return dict(
+        config=config,
+        layer=layer,
+        state_dict={
+            k: v.detach().clone() if isinstance(v, torch.Tensor) else v  # _extra_state: None
+            for k, v in layer.state_dict().items()
+        },
+        y=y,
+        dx=dx,
+        grads=grads,
+        router_grad_conventional=grads_conv["router.weight"],
+    )
+
+
+def _local_tokens(tensor: torch.Tensor, config, uneven: bool = False) -> torch.Tensor:
+    """This rank's share of a [SEQ, BATCH, H] tensor: its DP batch slice and, under SP, its
+    TP sequence slice (the layout Megatron's data loader and SP scatter produce)."""
+    from megatron.core import parallel_state as ps
+
+    dp_size, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if uneven:
+        assert dp_size == 2, "uneven cases split the batch 3:1 over two data-parallel ranks"
+        tensor = tensor.split([3, BATCH - 3], dim=1)[dp_rank]
+    else:
+        tensor = tensor.chunk(dp_size, dim=1)[dp_rank]
+    if config.sequence_parallel:
+        tp_size = ps.get_tensor_model_parallel_world_size()
+        tensor = tensor.chunk(tp_size, dim=0)[ps.get_tensor_model_parallel_rank()]
+    return tensor
+
+
+def _check_case(case: Case, expected: dict) -> Dict[str, float]:
+    """Runs one case on every rank; returns this rank's errors against ``expected``."""
+    from megatron.core import parallel_state as ps
+
+    init_model_parallel(tp=case.tp, ep=case.ep, etp=case.etp)
+    overrides = {}
+    if case.recompute == "moe":
+        overrides = dict(recompute_granularity="selective", recompute_modules=["moe"])
+    config = make_config(case.dispatcher, tp=case.tp, ep=case.ep, etp=case.etp, **overrides)
+    layer = build_dense_layer(config)
+    shard = dict(
+        num_experts=EXPERTS,
+        ep_size=ps.get_expert_model_parallel_world_size(),
+        ep_rank=ps.get_expert_model_parallel_rank(),
+        etp_size=ps.get_expert_tensor_parallel_world_size(),
+        etp_rank=ps.get_expert_tensor_parallel_rank(),
+        tp_size=ps.get_tensor_model_parallel_world_size(),
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        gated_linear_unit=True,
+    )
+    layer.load_state_dict(shard_moe_state_dict(expected["state_dict"], **shard), strict=True)
+
+    x, g = global_batch()
+
+    def local(tensor: torch.Tensor) -> torch.Tensor:
+        return _local_tokens(tensor, config, case.uneven)
+
+    y, dx, grads = run_layer(layer, local(x), local(g), case.recompute == "full")
+    for name, param in layer.named_parameters():
+        param.grad = grads[name]
+    finalize_grads(layer, config)
+
+    expected_experts = shard_moe_state_dict(expected["grads"], **shard)
+    expert_names = [n for n, _ in layer.named_parameters() if n.startswith("experts.")]
+    errors = {
+        "output": rel_err(y, local(expected["y"])),
+        "input_grad": rel_err(dx, local(expected["dx"])),
+        "router_grad": rel_err(layer.router.weight.grad, expected["grads"]["router.weight"]),
+        "expert_grads": rel_err(
+            torch.cat([layer.get_parameter(n).grad.flatten() for n in expert_names]),
+            torch.cat([expected_experts[n].flatten() for n in expert_names]),
+        ),
+        # Guards the test itself: without a visible dense term a dropped dense gradient
+        # would pass.
+        "dense_term": rel_err(
+            expected["router_grad_conventional"], expected["grads"]["router.weight"]
+        ),
+        # DenseReduction places expert-TP partials and EP blocks by tp_ep group rank,
+        # assuming rank = ep_rank * etp + etp_rank (as Megatron's dispatchers do).
+        "tp_ep_order": float(
+            dist.get_rank(ps.get_expert_tensor_and_model_parallel_group())
+            != shard["ep_rank"] * shard["etp_size"] + shard["etp_rank"]
+        ),
+    }
+    if case.float64:
+        single = expected["layer"]
+        r = ref.Routing(topk=TOPK)
+        result = ref.reference(
+            reference_model(single, expected["config"]),
+            x.reshape(-1, HIDDEN),
+            g.reshape(-1, HIDDEN),
+            r,
+            dense=True,
+        )
+        shape = (SEQ, BATCH, HIDDEN)
+        errors["float64_output"] = rel_err(y, local(result.y.reshape(shape)))
+        errors["float64_input_grad"] = rel_err(dx, local(result.d_x.reshape(shape)))
+        errors["float64_router_grad"] = rel_err(layer.router.weight.grad, result.d_router_w)
+    return errors
+
+
+def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> None:
+    """Runs ``names`` in this world; rank 0 writes {case: {quantity: max error over ranks}}."""
+    expected, results = {}, {}
+    for name in names:
+        case = CASES[name]
+        if case.dispatcher not in expected:
+            expected[case.dispatcher] = _single_rank(case.dispatcher)
+        results[name] = _check_case(case, expected[case.dispatcher])
+    everyone = [None] * world_size
+    dist.all_gather_object(everyone, results)
+    if rank == 0:
+        merged = {
+            name: {q: max(r[name][q] for r in everyone) for q in results[name]} for name in names
+        }
+        with open(out_path, "w") as f:
+            json.dump(merged, f)
+
+
+@pytest.fixture(scope="module")
+def world_results(tmp_path_factory):
+    """Runs each world size's cases once (lazily) and returns their errors by case name."""
+    cache: Dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            names = [n for n, c in CASES.items() if c.world == world]
+            path = str(tmp_path_factory.mktemp("parallel") / f"world{world}.json")
+            run_distributed(_run_world, world, names, path)
+            with open(path) as f:
+                cache[world] = json.load(f)
+        return cache[world]
+
+    return get
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parallel_matches_single_rank(name, world_results):
+    """Output, input grad, router grad (after Megatron's DP/SP reductions) and each rank's
+    expert-grad shard equal a single-rank run of the same model and batch.
+
+    Guards against the dense backward's gather / all-to-all misplacing tokens or experts,
+    double-counting expert-TP partial scores, scoring only local tokens, or assuming equal
+    token counts per rank, under every EP / TP+SP / expert-TP layout, both dispatchers, and
+    MoE or full-layer recompute.
+    Tolerance: TOL (1e-5 norm-relative, see its comment).
+    """
+    errors = world_results(CASES[name].world)[name]
+    assert errors["tp_ep_order"] == 0.0, "tp_ep group is not ordered EP-major, ETP-minor"
+    assert errors["dense_term"] > 1e-2, "the dense router term must be visible in this batch"
+    for quantity in ("output", "input_grad", "router_grad", "expert_grads"):
+        assert errors[quantity] < TOL, f"{quantity}: norm-relative error {errors[quantity]:.3g}"
+    for quantity in ("float64_output", "float64_input_grad", "float64_router_grad"):
+        if quantity in errors:
+            # fp32 against float64 math: the same 1e-5 as test_moe_layer's reference checks.
+            assert errors[quantity] < TOL, f"{quantity}: {errors[quantity]:.3g}"
+
+
+# --------------------------------------------------------------------------------------
+# Single-rank recompute and routing replay
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def single_rank():
+    init_model_parallel(tp=1, ep=1)
+
+
+@pytest.mark.parametrize("recompute", ["moe", "full"])
+@pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
+def test_recompute_gives_the_same_gradients(single_rank, dispatcher, recompute):
+    """MoE activation recompute and full-layer recompute give bitwise the gradients of a plain
+    run. Guards the dense backward against the recompute's two forwards: the first runs under
+    no_grad (so must not stash dense probs), the second must attach the dense gradient."""
+    config = make_config(dispatcher)
+    torch.manual_seed(0)
+    plain = build_dense_layer(config)
+    if recompute == "moe":
+        config = make_config(
+            dispatcher, recompute_granularity="selective", recompute_modules=["moe"]
+        )
+    recomputed = build_dense_layer(config)
+    recomputed.load_state_dict(plain.state_dict(), strict=True)
+    assert recomputed.moe_layer_recompute == (recompute == "moe")
+    x, g = global_batch()
+    y, dx, grads = run_layer(plain, x, g)
+    y_re, dx_re, grads_re = run_layer(recomputed, x, g, full_recompute=recompute == "full")
+    assert torch.equal(y, y_re) and torch.equal(dx, dx_re)
+    for name in grads:
+        assert torch.equal(grads[name], grads_re[name]), name
+
+
+def _random_selection(num_tokens: int, seed: int) -> torch.Tensor:
+    """TOPK distinct random experts per token, as indices [num_tokens, TOPK]."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.rand(num_tokens, EXPERTS, generator=gen).argsort(dim=-1)[:, :TOPK]
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+@pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
+def test_routing_replay(single_rank, score_function, recompute):
+    """With moe_enable_routing_replay, K is the replayed set, the forward and expert grads are
+    a conventional MoELayer's under the same replay (bitwise), and the router and input grads
+    are the float64 reference's with that K forced.
+
+    Guards against the dense weights being built from a recomputed top-k instead of the
+    replayed one, in the forward (REPLAY_FORWARD) and in the MoE recompute of the backward
+    (REPLAY_BACKWARD, which pops the indices again).
+    """
+    kw = dict(moe_router_score_function=score_function, moe_enable_routing_replay=True)
+    if recompute:
+        kw.update(recompute_granularity="selective", recompute_modules=["moe"])
+    config = make_config("alltoall", **kw)
+    RouterReplay.clear_global_router_replay_instances()
+    try:
+        torch.manual_seed(0)
+        dense = build_dense_layer(config)
+        conventional = build_moe_layer(dataclasses.replace(config, moe_dense_router_grad=False))
+        assert type(conventional) is MoELayer
+        conventional.load_state_dict(dense.state_dict(), strict=True)
+        x, g = global_batch()
+        num_tokens = SEQ * BATCH
+        indices = _random_selection(num_tokens, seed=7)
+        forced = torch.zeros(num_tokens, EXPERTS, dtype=torch.bool).scatter_(1, indices, True)
+
+        seen = []
+        hook = dense.router.register_forward_hook(lambda m, a, out: seen.append(out[1].clone()))
+        results = {}
+        for name, layer in (("dense", dense), ("conventional", conventional)):
+            # Queues the indices for REPLAY_FORWARD and once for REPLAY_BACKWARD, which the
+            # MoE recompute in the backward pops.
+            layer.router.router_replay.set_target_indices(indices)
+            layer.router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+            layer.zero_grad(set_to_none=True)
+            x_leaf = x.clone().requires_grad_(True)
+            y, _ = layer(x_leaf)
+            layer.router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_BACKWARD)
+            y.backward(g)
+            grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+            results[name] = (y.detach(), x_leaf.grad, grads)
+        hook.remove()
+    finally:
+        RouterReplay.clear_global_router_replay_instances()
+
+    # Every routing of the dense layer (the forward, and the recompute's) used K.
+    assert len(seen) == (2 if recompute else 1)
+    for routing_map in seen:
+        assert torch.equal(routing_map, forced)
+    y, dx, grads = results["dense"]
+    y_conv, _, grads_conv = results["conventional"]
+    assert torch.equal(y, y_conv), "the forward must be plain replay's, bitwise"
+    for name, grad in grads_conv.items():
+        if not name.startswith("router."):
+            assert torch.equal(grads[name], grad), name
+
+    routing = ref.Routing(score_function=score_function, topk=TOPK)
+    model = reference_model(dense, config)
+    x2d, g2d = x.reshape(-1, HIDDEN), g.reshape(-1, HIDDEN)
+    expected = ref.reference(model, x2d, g2d, routing, dense=True, forced_selection=forced)
+    natural = ref.reference(model, x2d, g2d, routing, dense=True)
+    expected_conv = ref.reference(model, x2d, g2d, routing, dense=False, forced_selection=forced)
+    # The replayed K must differ from the natural top-k, or replay would not be exercised.
+    assert not torch.equal(natural.selected, forced)
+    assert rel_err(expected.d_router_w, natural.d_router_w) > 1e-2
+    assert rel_err(expected.d_router_w, expected_conv.d_router_w) > 1e-2
+    # Tolerance as in test_moe_layer: fp32 vs float64, 1e-5 norm-relative.
+    assert rel_err(y.reshape(x2d.shape), expected.y) < 1e-6
+    assert rel_err(grads["router.weight"], expected.d_router_w) < 1e-5
+    assert rel_err(grads_conv["router.weight"], expected_conv.d_router_w) < 1e-5
+    assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Communication volume
+# --------------------------------------------------------------------------------------
+def test_comm_bytes_single_rank_is_zero():
+    """Without EP or expert TP the dense backward communicates nothing."""
+    bytes_ = dense_router_grad_comm_bytes(make_config(), num_tokens_per_rank=4096)
+    assert bytes_ == (0, 0, 0, 0, 0) and bytes_.total == 0
+
+
+@pytest.mark.parametrize(
+    "kw, dtype, expected",
+    [
+        # EP=4, ETP=1, fp32: P=4, L=2. x, g: 3*100*16*4 = 19200; scores: 3*100*2*4 = 2400;
+        # token counts: 3*8 = 24.
+        (dict(ep=4), None, (19200, 19200, 2400, 0, 24)),
+        # EP=2 x ETP=2, bf16 x and g: P=4, L=4. x, g: 3*100*16*2 = 9600; scores: 3*100*4*4.
+        (dict(ep=2, tp=2), torch.bfloat16, (9600, 9600, 4800, 0, 24)),
+        # TP=2 with ETP=1, EP=2: P=2 (TP ranks outside the group). x, g: 1*100*16*4 = 6400;
+        # scores: 1*100*4*4 = 1600; counts: 8.
+        (dict(ep=2, tp=2, etp=1), None, (6400, 6400, 1600, 0, 8)),
+        # ETP=2 alone: P=2, L=8: x, g: 6400; scores: 1*100*8*4 = 3200.
+        (dict(etp=2), None, (6400, 6400, 3200, 0, 8)),
+        # Top-M approximation adds the uint8 pair mask: 3*100*8 = 2400.
+        (dict(ep=4, moe_dense_router_grad_topm=4), None, (19200, 19200, 2400, 2400, 24)),
+    ],
+)
+def test_comm_bytes_hand_computed(kw, dtype, expected):
+    """dense_router_grad_comm_bytes on hand-computed cases (T=100 tokens per rank, H=16,
+    E=8): guards the formula against using the wrong group size, expert count or dtype."""
+    tp, ep, etp = kw.pop("tp", 1), kw.pop("ep", 1), kw.pop("etp", None)
+    config = make_config("alltoall", tp=tp, ep=ep, etp=etp, **kw)
+    bytes_ = dense_router_grad_comm_bytes(config, 100, dtype=dtype)
+    assert tuple(bytes_) == expected
+    assert bytes_.total == sum(expected)
+
+
+def test_comm_bytes_overrides_and_params_dtype():
+    """Explicit EP/ETP override the config; x and g default to the params dtype."""
+    config = make_config(params_dtype=torch.bfloat16, bf16=True)
+    bytes_ = dense_router_grad_comm_bytes(
+        config, 10, expert_model_parallel_size=8, expert_tensor_parallel_size=1
+    )
+    # P=8, L=1: x, g: 7*10*16*2 = 2240; scores: 7*10*1*4 = 280; counts: 7*8 = 56.
+    assert tuple(bytes_) == (2240, 2240, 280, 0, 56)
+
+
+def test_comm_bytes_match_the_collectives(monkeypatch):
+    """The reported bytes equal what DenseReduction.scores actually passes to its
+    collectives (counted on a fake 4-rank group), so the formula cannot drift from the code."""
+    from megatron_densemixer import autograd as dm_autograd
+
+    config = make_config("alltoall", ep=2, tp=2, moe_dense_router_grad_topm=4)
+    group_size, num_tokens = 4, 5
+    received = {"all_gather": 0, "all_to_all": 0}
+
+    def all_gather_into_tensor(output, tensor, group=None):
+        received["all_gather"] += (output.numel() - tensor.numel()) * tensor.element_size()
+        output.copy_(tensor.repeat((group_size,) + (1,) * (tensor.dim() - 1)))
+
+    def all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=None):
+        own = output_split_sizes[0] * output.shape[1]  # the block this rank keeps
+        received["all_to_all"] += (output.numel() - own) * output.element_size()
+        output.copy_(tensor)
+
+    monkeypatch.setattr(dm_autograd.dist, "get_world_size", lambda group=None: group_size)
+    monkeypatch.setattr(dm_autograd.dist, "all_gather_into_tensor", all_gather_into_tensor)
+    monkeypatch.setattr(dm_autograd.dist, "all_to_all_single", all_to_all_single)
+    local = EXPERTS // 2
+    weights = [
+        dm_autograd.ExpertWeights(
+            torch.randn(FFN, HIDDEN), None, torch.randn(HIDDEN, FFN // 2), None
+        )
+        for _ in range(local)
+    ]
+    reduction = dm_autograd.DenseReduction(
+        config=config,
+        local_experts=lambda: weights,
+        chunk_size=3,
+        tp_ep_group=object(),
+        expert_tp_size=2,
+        expert_tp_rank=0,
+        local_expert_offset=0,
+    )
+    pairs = torch.ones(num_tokens, EXPERTS, dtype=torch.bool)
+    scores = reduction.scores(
+        torch.randn(num_tokens, HIDDEN), torch.randn(num_tokens, HIDDEN), pairs
+    )
+    assert scores.shape == (num_tokens, EXPERTS)
+    expected = dense_router_grad_comm_bytes(config, num_tokens)
+    assert received["all_gather"] == (
+        expected.all_gather_hidden
+        + expected.all_gather_grad
+        + expected.all_gather_pairs
+        + expected.all_gather_token_counts
+    )
+    assert received["all_to_all"] == expected.all_to_all_scores
+
+
+def test_flex_dispatcher_raises():
+    """The flex dispatcher is not supported by the dense reduction and must be refused."""
+    with pytest.raises(ValueError, match="moe_token_dispatcher_type='flex' is not supported"):
+        make_config("flex")
