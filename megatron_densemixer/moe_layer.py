@@ -65,21 +65,29 @@ def local_expert_weights(experts: torch.nn.Module) -> List[ExpertWeights]:
     )
 
 
+def dense_chunk_bytes_per_token(
+    config: TransformerConfig, ffn_size: int, dtype: torch.dtype
+) -> int:
+    """Activation bytes per token of one chunk of the dense reduction, for one expert.
+
+    W1 x (F1 values), h and W2^T g (F each) in the weights' dtype, plus h and W2^T g in fp32.
+    """
+    f1 = 2 * ffn_size if config.gated_linear_unit else ffn_size
+    element = torch.empty((), dtype=dtype).element_size()
+    return element * (f1 + 2 * ffn_size) + 4 * 2 * ffn_size
+
+
 def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk of the dense reduction.
 
     ``moe_dense_router_grad_chunk_size`` if set; otherwise the most tokens whose chunk
-    activations fit ``moe_dense_router_grad_chunk_budget_mb``: per token and expert,
-    W1 x (F1 values), h and W2^T g (F each) in the weights' dtype, plus h and W2^T g in fp32.
+    activations (``dense_chunk_bytes_per_token``) fit ``moe_dense_router_grad_chunk_budget_mb``.
     """
     chunk_size = getattr(config, "moe_dense_router_grad_chunk_size", None)
     if chunk_size:
         return chunk_size
-    f1 = 2 * ffn_size if config.gated_linear_unit else ffn_size
-    element = torch.empty((), dtype=dtype).element_size()
-    bytes_per_token = element * (f1 + 2 * ffn_size) + 4 * 2 * ffn_size
     budget = getattr(config, "moe_dense_router_grad_chunk_budget_mb", 256.0) * 2**20
-    return max(1, int(budget // bytes_per_token))
+    return max(1, int(budget // dense_chunk_bytes_per_token(config, ffn_size, dtype)))
 
 
 def dense_pairs(
