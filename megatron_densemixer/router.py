@@ -100,6 +100,10 @@ class DenseMixerTopKRouter(TopKRouter):
             )
         return probs, routing_map
 
+    def peek_dense_probs(self) -> Optional[torch.Tensor]:
+        """The dense weights of the last ``routing`` call, left for the layer to take."""
+        return self._dense_probs
+
     def pop_dense_probs(self) -> Optional[torch.Tensor]:
         """Returns the dense weights of the last ``routing`` call once, or None."""
         dense_probs, self._dense_probs = self._dense_probs, None

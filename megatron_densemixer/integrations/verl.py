@@ -1,0 +1,210 @@
+"""DenseMixer for verl's Megatron workers, loaded as verl's ``external_lib``.
+
+    actor_rollout_ref.model.external_lib=megatron_densemixer.integrations.verl
+    +actor_rollout_ref.actor.megatron.override_transformer_config.moe_dense_router_grad=True
+
+verl imports ``external_lib`` in every worker when it builds the model config
+(``import_external_libs``), and nowhere else can a plugin reach those processes; importing this
+module is therefore the explicit call that patches, and it patches every verl model path that is
+installed:
+
+- Megatron-Bridge (verl's default): ``AutoBridge.to_megatron_provider`` returns the provider
+  through :func:`~megatron_densemixer.integrations.nemo_rl.densemixer_provider`, which gives it
+  the ``moe_dense_router_grad*`` attributes (so verl's attribute-checked overrides accept them)
+  and a layer spec that turns DenseMixer on when the flag is set;
+- vanilla mbridge (``vanilla_mbridge=True``): ``Bridge.set_extra_args`` keeps the DenseMixer
+  keys out of ``TransformerConfig(**kwargs)``, which rejects unknown keys, and sets them on the
+  built config; ``LLMBridge._get_transformer_layer_spec`` rewrites mbridge's block spec;
+- no bridge (verl's own ``hf_to_mcore_config`` / ``init_mcore_model``): the same for
+  ``check_and_construct_configs`` and the block spec of ``model_initializer``.
+
+Every patch leaves a model conventional unless ``moe_dense_router_grad`` is on. A path whose
+package is absent is skipped; a path whose package is present but lacks the function patched
+raises ImportError naming it, rather than leaving the flag silently ignored.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+from typing import Any, Callable
+
+from megatron_densemixer.config import dense_router_grad_enabled, validate_dense_router_grad
+from megatron_densemixer.integrations.megatron_lm import DENSEMIXER_ARGS, densemixer_layer_spec
+from megatron_densemixer.integrations.nemo_rl import densemixer_provider
+from megatron_densemixer.moe_layer import DenseMixerMoELayer
+
+_PATCHED = "__densemixer__"
+
+
+def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits config kwargs into (DenseMixer options, everything else)."""
+    options = {k: v for k, v in kwargs.items() if k in DENSEMIXER_ARGS}
+    rest = {k: v for k, v in kwargs.items() if k not in DENSEMIXER_ARGS}
+    return options, rest
+
+
+def apply_options(config: Any, options: dict[str, Any]) -> Any:
+    """Sets DenseMixer options on a built TransformerConfig and validates them."""
+    for name, value in options.items():
+        setattr(config, name, value)
+    validate_dense_router_grad(config)
+    return config
+
+
+def spec_for(config: Any, spec: Any) -> Any:
+    """``spec`` rewritten for DenseMixer when ``config`` has the flag on, else unchanged."""
+    return densemixer_layer_spec(spec) if dense_router_grad_enabled(config) else spec
+
+
+def _import(module: str) -> Any:
+    """The module, or None when its package is not installed (that path is not in use)."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        return None
+
+
+def _target(module: Any, owner: Any, name: str) -> Callable[..., Any]:
+    """``owner.name``, or an ImportError saying that this version lacks it."""
+    function = getattr(owner, name, None)
+    if function is None:
+        raise ImportError(
+            f"megatron_densemixer.integrations.verl: {module.__name__} has no "
+            f"{getattr(owner, '__name__', owner)}.{name} to patch; this version is not "
+            "supported. Pin a supported release or call megatron_densemixer's functions directly."
+        )
+    return function
+
+
+def _wrap(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
+    setattr(wrapper, _PATCHED, True)
+    setattr(owner, name, wrapper)
+
+
+def patch_megatron_bridge() -> bool:
+    """Megatron-Bridge path: providers from ``AutoBridge.to_megatron_provider``."""
+    module = _import("megatron.bridge.models.conversion.auto_bridge")
+    if module is None:
+        return False
+    original = _target(module, module.AutoBridge, "to_megatron_provider")
+    if getattr(original, _PATCHED, False):
+        return True
+
+    @functools.wraps(original)
+    def to_megatron_provider(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return densemixer_provider(original(self, *args, **kwargs))
+
+    _wrap(module.AutoBridge, "to_megatron_provider", to_megatron_provider)
+    return True
+
+
+def patch_mbridge() -> bool:
+    """Vanilla mbridge path: ``set_extra_args`` -> ``TransformerConfig(**cfg)``, own spec."""
+    bridge_module = _import("mbridge.core.bridge")
+    llm_module = _import("mbridge.core.llm_bridge")
+    if bridge_module is None or llm_module is None:
+        return False
+    bridge_cls, llm_cls = bridge_module.Bridge, llm_module.LLMBridge
+    set_extra_args = _target(bridge_module, bridge_cls, "set_extra_args")
+    layer_spec = _target(llm_module, llm_cls, "_get_transformer_layer_spec")
+    get_model = _target(bridge_module, bridge_cls, "get_model")
+    if getattr(set_extra_args, _PATCHED, False):
+        return True
+
+    @functools.wraps(set_extra_args)
+    def set_extra_args_wrapper(self: Any, **kwargs: Any) -> Any:
+        options, rest = split_options(kwargs)
+        # Kept on the bridge: a later set_extra_args rebuilds the config from scratch.
+        self._densemixer_options = {**getattr(self, "_densemixer_options", {}), **options}
+        result = set_extra_args(self, **rest)
+        apply_options(self.config, self._densemixer_options)
+        return result
+
+    @functools.wraps(layer_spec)
+    def layer_spec_wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return spec_for(self.config, layer_spec(self, *args, **kwargs))
+
+    @functools.wraps(get_model)
+    def get_model_wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        model = get_model(self, *args, **kwargs)
+        _check_built(self.config, model, f"mbridge {type(self).__name__}")
+        return model
+
+    _wrap(bridge_cls, "set_extra_args", set_extra_args_wrapper)
+    _wrap(llm_cls, "_get_transformer_layer_spec", layer_spec_wrapper)
+    _wrap(bridge_cls, "get_model", get_model_wrapper)
+    return True
+
+
+def patch_verl_no_bridge() -> bool:
+    """No-bridge path: verl's ``hf_to_mcore_config`` and ``init_mcore_model``."""
+    converter = _import("verl.models.mcore.config_converter")
+    initializer = _import("verl.models.mcore.model_initializer")
+    if converter is None or initializer is None:
+        return False
+    construct = _target(converter, converter, "check_and_construct_configs")
+    block_spec = _target(initializer, initializer, "get_gpt_decoder_block_spec")
+    if getattr(construct, _PATCHED, False):
+        return True
+
+    @functools.wraps(construct)
+    def construct_wrapper(original_config: dict, cls: type) -> Any:
+        options, rest = split_options(original_config)
+        return apply_options(construct(rest, cls), options)
+
+    @functools.wraps(block_spec)
+    def block_spec_wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
+        return spec_for(config, block_spec(config, *args, **kwargs))
+
+    _wrap(converter, "check_and_construct_configs", construct_wrapper)
+    _wrap(initializer, "get_gpt_decoder_block_spec", block_spec_wrapper)
+    return True
+
+
+def _check_built(config: Any, model: Any, where: str) -> None:
+    """Raises if the flag is on but ``model`` got MoE layers without DenseMixer.
+
+    A bridge subclass may build its spec without the method patched here; failing beats
+    training with the flag silently ignored.
+    """
+    if not dense_router_grad_enabled(config):
+        return
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    moe_layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
+    if moe_layers and not any(isinstance(m, DenseMixerMoELayer) for m in moe_layers):
+        raise RuntimeError(
+            f"moe_dense_router_grad=True, but {where} built its MoE layers without "
+            "DenseMixerMoELayer (its layer spec bypasses the patched method). Build the spec "
+            "with megatron_densemixer.densemixer_spec for this model."
+        )
+
+
+def enable() -> list[str]:
+    """Patches every installed verl model path; returns the names of those patched.
+
+    Raises:
+        ImportError: None of the paths is installed, or an installed one has changed.
+    """
+    patched = [
+        name
+        for name, patch in (
+            ("megatron-bridge", patch_megatron_bridge),
+            ("mbridge", patch_mbridge),
+            ("verl-no-bridge", patch_verl_no_bridge),
+        )
+        if patch()
+    ]
+    if not patched:
+        raise ImportError(
+            "megatron_densemixer.integrations.verl found none of Megatron-Bridge "
+            "(megatron.bridge), mbridge or verl.models.mcore to patch; install verl's Megatron "
+            "dependencies."
+        )
+    return patched
+
+
+# verl's external_lib contract: importing the module is the call (see the module docstring).
+PATCHED_PATHS = enable()
