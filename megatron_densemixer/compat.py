@@ -7,6 +7,9 @@ Supported: megatron-core 0.16 to 0.19. The eras that matter here:
 - 0.17: ``GroupedMLP`` (legacy grouped GEMM) is removed; routers take ``is_mtp_layer``;
 - 0.18: MoE specs become ``functools.partial(MoELayer, submodules=...)`` builders instead of
   ``ModuleSpec(module=MoELayer, ...)``;
+- after 0.16: MoE layer-wise metrics move from ``moe_utils``'s module-level dict (written by
+  ``save_to_aux_losses_tracker``, now deprecated) to ``moe_logging.get_moe_metrics_tracker()``,
+  whose ``moe_utils.get_moe_layer_wise_logging_tracker()`` returns a copy, not the live dict;
 - up to 0.17: ``TransformerLayer`` passes ``pg_collection`` to its MLP only when the spec's
   module *is* ``MoELayer`` (an identity check), and ``tp_group`` otherwise, so a subclass
   must accept ``tp_group`` and fall back to the default process groups.
@@ -16,10 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
+import torch
 from megatron.core import package_info
 from megatron.core.transformer.moe import experts as _experts
+from megatron.core.transformer.moe import moe_utils as _moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from packaging.version import Version
@@ -44,6 +49,11 @@ if get_mcore_version() < MIN_MCORE_VERSION:
         f"MoELayer.route/postprocess and MoESubmodules.router), found {get_mcore_version()}. "
         "Upgrade with `pip install 'megatron-core>=0.16'`."
     )
+
+try:
+    from megatron.core.transformer.moe.moe_logging import get_moe_metrics_tracker
+except ImportError:  # 0.16: the layer-wise metrics are a plain dict in moe_utils
+    get_moe_metrics_tracker = None
 
 SequentialMLP = _experts.SequentialMLP
 TEGroupedMLP = _experts.TEGroupedMLP
@@ -90,3 +100,36 @@ def replace_moe_spec(spec: Any, module: type, submodules: MoESubmodules) -> Any:
 def replace_router(submodules: MoESubmodules, router: Callable[..., Any]) -> MoESubmodules:
     """Returns a copy of ``submodules`` whose router builder is ``router``."""
     return dataclasses.replace(submodules, router=router)
+
+
+def record_moe_metric(name: str, value: torch.Tensor, layer_number: int, num_layers: int) -> None:
+    """Adds ``value`` to Megatron's MoE layer-wise metric ``name`` at ``layer_number``.
+
+    Megatron-LM's training loop reduces, logs and clears these with its own MoE aux losses.
+    """
+    if get_moe_metrics_tracker is not None:
+        get_moe_metrics_tracker().record(
+            name=name, value=value, layer_number=layer_number, num_layers=num_layers
+        )
+    else:
+        _moe_utils.save_to_aux_losses_tracker(name, value, layer_number, num_layers)
+
+
+def moe_metrics() -> Dict[str, torch.Tensor]:
+    """The live per-layer values of every MoE layer-wise metric, by name."""
+    if get_moe_metrics_tracker is not None:
+        return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
+    return {
+        name: entry["values"]
+        for name, entry in _moe_utils.get_moe_layer_wise_logging_tracker().items()
+    }
+
+
+def remove_moe_metrics(names: Any) -> None:
+    """Drops the MoE layer-wise metrics ``names`` (absent ones are ignored)."""
+    if get_moe_metrics_tracker is not None:
+        metrics = get_moe_metrics_tracker().metrics
+    else:
+        metrics = _moe_utils.get_moe_layer_wise_logging_tracker()
+    for name in list(names):
+        metrics.pop(name, None)

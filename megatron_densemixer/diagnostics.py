@@ -22,9 +22,10 @@ gradient W_r receives, T = C + D, so C = T - D. Nothing in the layer or the rout
 
 Values are per rank, before any data-parallel or sequence-parallel gradient reduction. With
 ``log_to_tracker`` they also go to Megatron's MoE layer-wise tracker
-(``moe_utils.save_to_aux_losses_tracker``), so ``track_moe_metrics`` (called by Megatron-LM's
+(``compat.record_moe_metric``). Up to 0.16, ``track_moe_metrics`` (called by Megatron-LM's
 ``training_log``) writes them to TensorBoard / W&B next to ``load_balancing_loss``; they are
-not in its ``track_names``, so it logs but does not reduce them across ranks.
+not in its ``track_names``, so it logs but does not reduce them across ranks. From 0.17 the
+tracker's ``report`` logs only the names in ``track_names`` when one is given.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_densemixer import compat
 from megatron_densemixer.router import DenseMixerTopKRouter, dense_router_probs
 
 TRACKER_PREFIX = "densemixer_router_"
@@ -395,7 +397,7 @@ def _log_to_tracker(stats: RouterStats, config: TransformerConfig, device: torch
         value = getattr(stats, name)
         if value is None:
             continue
-        moe_utils.save_to_aux_losses_tracker(
+        compat.record_moe_metric(
             TRACKER_PREFIX + name,
             torch.tensor(float(value), device=device),
             stats.layer_number,

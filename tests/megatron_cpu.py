@@ -24,7 +24,8 @@ Known limitations (Megatron 0.16.1, CPU, no apex/TE): a GPTModel needs an explic
 a whole GPTModel cannot use TP > 1 (a bare MoELayer can); ``GroupedMLP.forward`` asserts
 bf16.
 
-Only ``torch``, ``megatron.core`` and the standard library are imported.
+Only ``torch``, ``megatron.core``, the standard library and ``megatron_densemixer.compat``
+(which knows both MoE spec forms) are imported.
 """
 
 from __future__ import annotations
@@ -154,9 +155,16 @@ def _patch_mappings() -> None:
             input: torch.Tensor,  # noqa: A002 - mirrors Megatron's signature
             output_split_sizes: Any,
             input_split_sizes: Any,
+            *args: Any,
         ) -> torch.Tensor:
+            # *args: later versions add use_nccl_stream, passed on unchanged.
             return orig_a2a_forward(
-                ctx, group, input, _to_int_list(output_split_sizes), _to_int_list(input_split_sizes)
+                ctx,
+                group,
+                input,
+                _to_int_list(output_split_sizes),
+                _to_int_list(input_split_sizes),
+                *args,
             )
 
         _a2a_forward._cpu_shim = True  # type: ignore[attr-defined]
@@ -471,14 +479,15 @@ def build_moe_layer(
     ``config`` is a ``TransformerConfig`` with ``num_moe_experts`` set.  ``spec_kind`` is
     ``"sequential"`` (``SequentialMLP`` experts) or ``"grouped"`` (legacy ``GroupedMLP``;
     needs ``grouped_gemm`` or :func:`install_grouped_gemm_fallback`, and bf16).  ``spec``
-    (a ``ModuleSpec``) overrides the spec entirely; ``layer_cls`` swaps the module class
-    of the spec (e.g. a MoELayer subclass) while keeping its submodules.  Parallel state
-    must be initialised (:func:`init_model_parallel`).
+    (an MoE spec in either form: ``ModuleSpec`` up to 0.17, ``functools.partial`` builder
+    from 0.18) overrides the spec entirely; ``layer_cls`` swaps the module class of the spec
+    (e.g. a MoELayer subclass) while keeping its submodules.  Parallel state must be
+    initialised (:func:`init_model_parallel`).
     """
-    import dataclasses
-
     from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-    from megatron.core.transformer.spec_utils import build_module
+    from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+
+    from megatron_densemixer import compat
 
     apply_cpu_shim()
     if spec_kind not in ("sequential", "grouped"):
@@ -490,11 +499,18 @@ def build_moe_layer(
             moe_grouped_gemm=spec_kind == "grouped",
         )
     if layer_cls is not None:
-        spec = dataclasses.replace(spec, module=layer_cls)
+        parts = compat.moe_spec_parts(spec)
+        if parts is None:
+            raise ValueError(f"layer_cls needs an MoE spec, got {spec!r}")
+        spec = compat.replace_moe_spec(spec, layer_cls, parts[1])
     kwargs: dict[str, Any] = {"config": config, "layer_number": layer_number}
     if pg_collection is not None:
         kwargs["pg_collection"] = pg_collection
-    return build_module(spec, **kwargs)
+    if isinstance(spec, ModuleSpec):
+        return build_module(spec, **kwargs)
+    # From 0.18 the spec is a builder (functools.partial) that TransformerLayer calls
+    # directly; 0.19's build_module no longer accepts one.
+    return spec(**kwargs)
 
 
 _SEQ_EXPERT_RE = re.compile(

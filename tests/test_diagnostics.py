@@ -8,9 +8,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.moe import moe_utils
 
-from megatron_densemixer import DenseMixerTransformerConfig, densemixer_spec
+from megatron_densemixer import DenseMixerTransformerConfig, compat, densemixer_spec
 from megatron_densemixer.diagnostics import (
     TRACKER_PREFIX,
     RouterDiagnostics,
@@ -228,19 +227,18 @@ def test_logs_to_megatron_tracker():
     """Scalars land in Megatron's layer-wise tracker at the layer's index, under our prefix."""
     layer = build_layer(make_config(), seed=3)
     diagnostics = RouterDiagnostics(layer)
-    tracker = moe_utils.get_moe_layer_wise_logging_tracker()
     try:
         forward_backward(layer)
         (stats,) = diagnostics.step()
         index = stats.layer_number - 1
+        metrics = compat.moe_metrics()
         for name in ("dense_share", "cosine", "load_entropy", "grad_norm"):
-            values = tracker[TRACKER_PREFIX + name]["values"]
+            values = metrics[TRACKER_PREFIX + name]
             assert values[index].item() == pytest.approx(getattr(stats, name), rel=1e-6)
         # routing_flips is None on the first step and is not logged then.
-        assert TRACKER_PREFIX + "routing_flips" not in tracker
+        assert TRACKER_PREFIX + "routing_flips" not in metrics
     finally:
-        for key in [k for k in tracker if k.startswith(TRACKER_PREFIX)]:
-            del tracker[key]
+        compat.remove_moe_metrics(k for k in compat.moe_metrics() if k.startswith(TRACKER_PREFIX))
 
 
 def test_requires_moe_layers():

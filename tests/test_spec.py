@@ -34,21 +34,46 @@ def _model_parallel():
     init_model_parallel(tp=1, ep=1)
 
 
+def _native_moe_submodules() -> MoESubmodules:
+    """The submodules of the installed megatron-core's local MoE spec, whatever its form."""
+    return compat.moe_spec_parts(get_moe_module_spec(use_te=False, num_experts=8))[1]
+
+
+def _mlp_module(layer_spec):
+    """The module (class) a TransformerLayer spec builds its MLP from."""
+    mlp = layer_spec.submodules.mlp
+    parts = compat.moe_spec_parts(mlp)
+    if parts is not None:
+        return parts[0]
+    return mlp.func if isinstance(mlp, functools.partial) else mlp.module
+
+
 def test_moe_module_spec():
-    """The MoE ModuleSpec gets the layer and router swapped; experts stay untouched."""
+    """The installed megatron-core's MoE spec gets the layer and router swapped; experts stay
+    untouched, and so does the input spec."""
     spec = get_moe_module_spec(use_te=False, num_experts=8)
+    module, submodules = compat.moe_spec_parts(spec)
     out = densemixer_spec(spec)
-    assert out.module is DenseMixerMoELayer
+    assert type(out) is type(spec), "the spec keeps its form"
+    out_module, out_submodules = compat.moe_spec_parts(out)
+    assert out_module is DenseMixerMoELayer
+    assert out_submodules.router is DenseMixerTopKRouter
+    assert out_submodules.experts is submodules.experts
+    assert out_submodules.shared_experts is submodules.shared_experts
+    assert module is MoELayer and submodules.router is TopKRouter, "input untouched"
+
+
+def test_module_spec_form():
+    """megatron-core <= 0.17 builds MoE specs as ModuleSpec(module=MoELayer, submodules=...)."""
+    spec = ModuleSpec(module=MoELayer, submodules=_native_moe_submodules())
+    out = densemixer_spec(spec)
+    assert isinstance(out, ModuleSpec) and out.module is DenseMixerMoELayer
     assert out.submodules.router is DenseMixerTopKRouter
-    assert out.submodules.experts is spec.submodules.experts
-    assert out.submodules.shared_experts is spec.submodules.shared_experts
-    assert spec.module is MoELayer and spec.submodules.router is TopKRouter, "input untouched"
 
 
 def test_partial_moe_spec():
     """megatron-core >= 0.18 builds MoE specs as functools.partial(MoELayer, submodules=...)."""
-    submodules = get_moe_module_spec(use_te=False, num_experts=8).submodules
-    spec = functools.partial(MoELayer, submodules=submodules)
+    spec = functools.partial(MoELayer, submodules=_native_moe_submodules())
     out = densemixer_spec(spec)
     assert isinstance(out, functools.partial) and out.func is DenseMixerMoELayer
     assert out.keywords["submodules"].router is DenseMixerTopKRouter
@@ -57,13 +82,13 @@ def test_partial_moe_spec():
 def test_layer_and_block_specs():
     """A TransformerLayer spec and a block spec: MoE layers rewritten, dense layers kept."""
     layer = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
-    assert densemixer_spec(layer).submodules.mlp.module is DenseMixerMoELayer
+    assert _mlp_module(densemixer_spec(layer)) is DenseMixerMoELayer
     dense_layer = get_gpt_layer_local_spec()
     assert densemixer_spec(dense_layer) == dense_layer
 
     config = make_config(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    mlps = [s.submodules.mlp.module for s in densemixer_spec(block).layer_specs]
+    mlps = [_mlp_module(s) for s in densemixer_spec(block).layer_specs]
     assert mlps[1] is DenseMixerMoELayer and mlps[3] is DenseMixerMoELayer
     assert mlps[0] is not DenseMixerMoELayer and mlps[2] is not DenseMixerMoELayer
 
@@ -75,14 +100,14 @@ def test_custom_router_is_refused():
         pass
 
     spec = get_moe_module_spec(use_te=False, num_experts=8)
-    spec = dataclasses.replace(
-        spec, submodules=dataclasses.replace(spec.submodules, router=OtherRouter)
-    )
+    module, submodules = compat.moe_spec_parts(spec)
+    submodules = compat.replace_router(submodules, OtherRouter)
+    spec = compat.replace_moe_spec(spec, module, submodules)
     with pytest.raises(ValueError, match="uses router OtherRouter"):
         densemixer_spec(spec)
     config = make_config()
     with pytest.raises(ValueError, match="requires DenseMixerTopKRouter, got router OtherRouter"):
-        DenseMixerMoELayer(config, submodules=spec.submodules)
+        DenseMixerMoELayer(config, submodules=submodules)
 
 
 def test_layer_class_swap_alone_upgrades_the_router():
@@ -90,13 +115,15 @@ def test_layer_class_swap_alone_upgrades_the_router():
     spec = get_moe_module_spec(use_te=False, num_experts=8)
     layer = build_moe_layer(make_config(), layer_cls=DenseMixerMoELayer, spec=spec)
     assert isinstance(layer.router, DenseMixerTopKRouter)
-    assert isinstance(spec.submodules, MoESubmodules)
+    assert compat.moe_spec_parts(spec)[1].router is TopKRouter, "spec untouched"
 
 
 def test_tp_group_kwarg_from_transformer_layer():
     """TransformerLayer (<= 0.17) passes tp_group, not pg_collection, to MoELayer subclasses."""
-    spec = densemixer_spec(get_moe_module_spec(use_te=False, num_experts=8))
-    layer = DenseMixerMoELayer(make_config(), submodules=spec.submodules, tp_group=None)
+    _, submodules = compat.moe_spec_parts(
+        densemixer_spec(get_moe_module_spec(use_te=False, num_experts=8))
+    )
+    layer = DenseMixerMoELayer(make_config(), submodules=submodules, tp_group=None)
     assert layer.dense_reduction is not None
 
 
@@ -158,7 +185,9 @@ def test_gpt_model_parameter_names_and_training():
     assert loss.item() < first
 
 
-@pytest.mark.skipif(compat.GroupedMLP is None, reason="GroupedMLP was removed in this mcore")
+@pytest.mark.skipif(
+    compat.GroupedMLP is None, reason="GroupedMLP was removed in megatron-core 0.17"
+)
 def test_grouped_mlp_matches_reference():
     """The legacy GroupedMLP path (stacked [E, H, F1] weights) gives the reference gradient.
 
@@ -208,7 +237,8 @@ def test_te_grouped_mlp_on_gpu():
         moe_token_dispatcher_type="alltoall",
     )
     spec = densemixer_spec(get_moe_module_spec(use_te=True, num_experts=8, moe_grouped_gemm=True))
-    layer = spec.module(config=config, submodules=spec.submodules).cuda()
+    module, submodules = compat.moe_spec_parts(spec)
+    layer = module(config=config, submodules=submodules).cuda()
     assert isinstance(layer.experts, compat.TEGroupedMLP)
     x = torch.randn(32, 2, 64, device="cuda", dtype=torch.bfloat16)
     g = torch.randn_like(x)
