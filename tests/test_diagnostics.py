@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from megatron_densemixer import DenseMixerTransformerConfig, compat, densemixer_spec
 from megatron_densemixer.diagnostics import (
@@ -19,6 +18,7 @@ from megatron_densemixer.diagnostics import (
     normalized_entropy,
 )
 from tests.megatron_cpu import build_moe_layer, init_model_parallel
+from tests.test_moe_layer import make_config  # hidden 16, 8 experts, top-2
 
 SEQ, BATCH, HIDDEN, EXPERTS = 5, 2, 16, 8
 
@@ -26,29 +26,6 @@ SEQ, BATCH, HIDDEN, EXPERTS = 5, 2, 16, 8
 @pytest.fixture(scope="module", autouse=True)
 def _model_parallel():
     init_model_parallel(tp=1, ep=1)
-
-
-def make_config(**overrides) -> DenseMixerTransformerConfig:
-    fields = dict(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        ffn_hidden_size=24,
-        moe_ffn_hidden_size=24,
-        num_attention_heads=4,
-        num_moe_experts=EXPERTS,
-        moe_router_topk=2,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-        use_cpu_initialization=True,
-        moe_dense_router_grad=True,
-    )
-    fields.update(overrides)
-    return DenseMixerTransformerConfig(**fields)
 
 
 def build_layer(config: DenseMixerTransformerConfig, seed: int = 0):
