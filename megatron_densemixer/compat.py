@@ -38,11 +38,6 @@ def get_mcore_version() -> Version:
     return Version(package_info.__version__)
 
 
-def is_mcore_min_version(version: str) -> bool:
-    """Whether the installed megatron-core is at least ``version``."""
-    return get_mcore_version() >= Version(version)
-
-
 if get_mcore_version() < MIN_MCORE_VERSION:
     raise ImportError(
         f"megatron_densemixer requires megatron-core >= {MIN_MCORE_VERSION} (it builds on "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, List, Optional
 
 import torch
@@ -143,7 +142,7 @@ class DenseMixerMoELayer(MoELayer):
             pg_collection = get_default_pg_collection()
         enabled = dense_router_grad_enabled(config)
         if enabled and submodules is not None and submodules.router is TopKRouter:
-            submodules = dataclasses.replace(submodules, router=DenseMixerTopKRouter)
+            submodules = compat.replace_router(submodules, DenseMixerTopKRouter)
         super().__init__(
             config=config,
             submodules=submodules,

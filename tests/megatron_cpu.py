@@ -533,6 +533,18 @@ def _shard_fc1_rows(t: torch.Tensor, rank: int, size: int, gated: bool) -> torch
     return torch.chunk(t, size, dim=0)[rank]
 
 
+def _shard_mlp_param(value: Any, match: re.Match, rank: int, size: int, gated: bool) -> Any:
+    """One MLP parameter's tensor-parallel shard: fc1 by rows, fc2's weight by columns;
+    fc2's bias and TE's ``_extra_state`` are replicated."""
+    if match["kind"] == "_extra_state":
+        return value
+    if match["lin"] == "linear_fc1":
+        return _shard_fc1_rows(value, rank, size, gated)
+    if match["kind"] == "weight":
+        return torch.chunk(value, size, dim=1)[rank]
+    return value
+
+
 def shard_moe_state_dict(
     full_state_dict: Mapping[str, torch.Tensor],
     *,
@@ -573,12 +585,7 @@ def shard_moe_state_dict(
             if not lo <= e < hi:
                 continue
             new_key = f"{m['prefix']}experts.local_experts.{e - lo}.{m['lin']}.{m['kind']}"
-            if m["kind"] == "_extra_state":
-                pass
-            elif m["lin"] == "linear_fc1":
-                value = _shard_fc1_rows(value, etp_rank, etp_size, gated_linear_unit)
-            elif m["kind"] == "weight":
-                value = torch.chunk(value, etp_size, dim=1)[etp_rank]
+            value = _shard_mlp_param(value, m, etp_rank, etp_size, gated_linear_unit)
             out[new_key] = value.clone() if isinstance(value, torch.Tensor) else value
             continue
         m = _GROUPED_EXPERT_RE.match(key)
@@ -597,12 +604,7 @@ def shard_moe_state_dict(
             continue
         m = _SHARED_EXPERT_RE.match(key)
         if m:
-            if m["kind"] == "_extra_state":
-                pass
-            elif m["lin"] == "linear_fc1":
-                value = _shard_fc1_rows(value, tp_rank, tp_size, gated_linear_unit)
-            elif m["kind"] == "weight":
-                value = torch.chunk(value, tp_size, dim=1)[tp_rank]
+            value = _shard_mlp_param(value, m, tp_rank, tp_size, gated_linear_unit)
             out[key] = value.clone() if isinstance(value, torch.Tensor) else value
             continue
         out[key] = value.clone() if isinstance(value, torch.Tensor) else value
