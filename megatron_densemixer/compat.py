@@ -11,22 +11,28 @@ Supported: megatron-core 0.16 to 0.19. The eras that matter here:
   ``save_to_aux_losses_tracker``, now deprecated) to ``moe_logging.get_moe_metrics_tracker()``,
   whose ``moe_utils.get_moe_layer_wise_logging_tracker()`` returns a copy, not the live dict;
 - up to 0.17: ``TransformerLayer`` passes ``pg_collection`` to its MLP only when the spec's
-  module *is* ``MoELayer`` (an identity check), and ``tp_group`` otherwise, so a subclass
-  must accept ``tp_group`` and fall back to the default process groups.
+  module *is* ``MoELayer`` (an identity check); for a subclass it passes nothing (0.16, with an
+  "Unknown MLP type" warning) or ``tp_group``. ``mlp_process_groups`` recovers the layer's
+  ``pg_collection`` instead of falling back to the default process groups.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Dict, Optional
+import logging
+import sys
+from typing import Any, Callable, Optional
 
 import torch
 from megatron.core import package_info
+from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe import experts as _experts
 from megatron.core.transformer.moe import moe_utils as _moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
+from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_layer import TransformerLayer
 from packaging.version import Version
 
 MIN_MCORE_VERSION = Version("0.16.0")
@@ -110,21 +116,58 @@ def record_moe_metric(name: str, value: torch.Tensor, layer_number: int, num_lay
         _moe_utils.save_to_aux_losses_tracker(name, value, layer_number, num_layers)
 
 
-def moe_metrics() -> Dict[str, torch.Tensor]:
-    """The live per-layer values of every MoE layer-wise metric, by name."""
-    if get_moe_metrics_tracker is not None:
-        return {name: entry.values for name, entry in get_moe_metrics_tracker().metrics.items()}
-    return {
-        name: entry["values"]
-        for name, entry in _moe_utils.get_moe_layer_wise_logging_tracker().items()
-    }
+# TransformerLayer.__init__ up to 0.17 builds its MLP from the spec with pg_collection only when
+# the spec's module is MoELayer itself; the layer's resolved pg_collection is then a local of
+# that frame, which is the one place it can be read from without copying TransformerLayer.
+_TRANSFORMER_LAYER_INIT = TransformerLayer.__init__.__code__
 
 
-def remove_moe_metrics(names: Any) -> None:
-    """Drops the MoE layer-wise metrics ``names`` (absent ones are ignored)."""
-    if get_moe_metrics_tracker is not None:
-        metrics = get_moe_metrics_tracker().metrics
-    else:
-        metrics = _moe_utils.get_moe_layer_wise_logging_tracker()
-    for name in list(names):
-        metrics.pop(name, None)
+def _building_transformer_layer_locals() -> Optional[dict]:
+    """The locals of the TransformerLayer.__init__ call building the current module, if any."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _TRANSFORMER_LAYER_INIT:
+            return frame.f_locals
+        frame = frame.f_back
+    return None
+
+
+def mlp_process_groups(pg_collection: Optional[ProcessGroupCollection]) -> ProcessGroupCollection:
+    """The process groups an MoELayer subclass must use.
+
+    ``pg_collection`` when given; otherwise that of the TransformerLayer building this MLP
+    (which up to 0.17 withholds it from MoELayer subclasses); otherwise Megatron's defaults, as
+    MoELayer does when built on its own.
+    """
+    if pg_collection is not None:
+        return pg_collection
+    layer_locals = _building_transformer_layer_locals()
+    if layer_locals is not None and layer_locals.get("pg_collection") is not None:
+        return layer_locals["pg_collection"]
+    return get_default_pg_collection()
+
+
+class _SubclassMLPWarningFilter(logging.Filter):
+    """Drops TransformerLayer's "Unknown MLP type" warning when the MLP is an MoELayer subclass.
+
+    The warning says "Using default kwargs"; for such a layer ``mlp_process_groups`` recovers
+    the layer's process groups, so the warning would be wrong.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Unknown MLP type"):
+            return True
+        layer_locals = _building_transformer_layer_locals()
+        mlp = getattr(layer_locals.get("submodules"), "mlp", None) if layer_locals else None
+        module = getattr(mlp, "module", None)
+        return not (isinstance(module, type) and issubclass(module, MoELayer))
+
+
+_MLP_WARNING_FILTER = _SubclassMLPWarningFilter()
+
+
+def quiet_subclass_mlp_warning() -> None:
+    """Installs ``_SubclassMLPWarningFilter`` on TransformerLayer's logger (idempotent)."""
+    logger = logging.getLogger(TransformerLayer.__module__)
+    if _MLP_WARNING_FILTER not in logger.filters:
+        logger.addFilter(_MLP_WARNING_FILTER)

@@ -240,10 +240,8 @@ class RouterDiagnostics:
             if router.weight.requires_grad and not state.weight_hooked:
                 state.handles.append(router.weight.register_hook(self._make_weight_hook(state)))
                 state.weight_hooked = True
-            # peek, not pop: the layer still needs them for its backward.
-            dense_probs = (
-                router.peek_dense_probs() if isinstance(router, DenseMixerTopKRouter) else None
-            )
+            # Read before the layer's route step takes them (this hook runs first).
+            dense_probs = router.dense_probs if isinstance(router, DenseMixerTopKRouter) else None
             if dense_probs is not None and dense_probs.requires_grad:
                 dense_probs.register_hook(
                     self._make_dense_hook(state, router, hidden, routing_map.clone())

@@ -2,115 +2,33 @@
 
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, NamedTuple, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
-from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
-from megatron_densemixer.autograd import DenseReduction, ExpertWeights, dense_router_grad
-from megatron_densemixer.config import dense_router_grad_enabled, validate_dense_router_grad
+from megatron_densemixer.autograd import DenseBackwardInputs, dense_router_grad
+from megatron_densemixer.experts import local_expert_weights
+from megatron_densemixer.options import (
+    dense_router_grad_enabled,
+    dense_router_grad_options,
+    validate_dense_router_grad,
+)
+from megatron_densemixer.reduction import DenseReduction, dense_chunk_size, dense_pairs
 from megatron_densemixer.router import DenseMixerTopKRouter
 
 
-def _optional(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    # Transformer Engine keeps an empty tensor where a module has no bias.
-    return tensor if tensor is not None and tensor.numel() > 0 else None
+class PendingDenseGrad(NamedTuple):
+    """What ``route`` hands to ``postprocess`` in one forward call."""
 
-
-def local_expert_weights(experts: torch.nn.Module) -> List[ExpertWeights]:
-    """The local experts' weights, as [out, in] views (no copies), for the dense reduction.
-
-    Supports SequentialMLP (local or TE linears), GroupedMLP (legacy grouped GEMM, where the
-    installed megatron-core has it) and TEGroupedMLP.
-    """
-    if isinstance(experts, compat.SequentialMLP):
-        return [
-            ExpertWeights(
-                mlp.linear_fc1.weight,
-                _optional(getattr(mlp.linear_fc1, "bias", None)),
-                mlp.linear_fc2.weight,
-                _optional(getattr(mlp.linear_fc2, "bias", None)),
-            )
-            for mlp in experts.local_experts
-        ]
-    if isinstance(experts, compat.TEGroupedMLP):
-        fc1, fc2 = experts.linear_fc1, experts.linear_fc2
-        return [
-            ExpertWeights(
-                getattr(fc1, f"weight{i}"),
-                _optional(getattr(fc1, f"bias{i}", None)),
-                getattr(fc2, f"weight{i}"),
-                _optional(getattr(fc2, f"bias{i}", None)),
-            )
-            for i in range(experts.num_local_experts)
-        ]
-    if compat.GroupedMLP is not None and isinstance(experts, compat.GroupedMLP):
-        hidden_size = experts.config.hidden_size
-        # GroupedMLP stores x -> h as [E, H, F1] and h -> y as [E, F, H]; it has no biases.
-        w1 = experts.weight1.view(experts.num_local_experts, hidden_size, -1)
-        w2 = experts.weight2.view(experts.num_local_experts, -1, hidden_size)
-        return [
-            ExpertWeights(w1[e].t(), None, w2[e].t(), None)
-            for e in range(experts.num_local_experts)
-        ]
-    raise ValueError(
-        f"moe_dense_router_grad=True does not support expert module {type(experts).__name__}; "
-        "use SequentialMLP, GroupedMLP or TEGroupedMLP."
-    )
-
-
-def dense_chunk_bytes_per_token(
-    config: TransformerConfig, ffn_size: int, dtype: torch.dtype
-) -> int:
-    """Activation bytes per token of one chunk of the dense reduction, for one expert.
-
-    W1 x (F1 values), h and W2^T g (F each) in the weights' dtype, plus h and W2^T g in fp32.
-    """
-    f1 = 2 * ffn_size if config.gated_linear_unit else ffn_size
-    element = torch.empty((), dtype=dtype).element_size()
-    return element * (f1 + 2 * ffn_size) + 4 * 2 * ffn_size
-
-
-def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk of the dense reduction.
-
-    ``moe_dense_router_grad_chunk_size`` if set; otherwise the most tokens whose chunk
-    activations (``dense_chunk_bytes_per_token``) fit ``moe_dense_router_grad_chunk_budget_mb``.
-    """
-    chunk_size = getattr(config, "moe_dense_router_grad_chunk_size", None)
-    if chunk_size:
-        return chunk_size
-    budget = getattr(config, "moe_dense_router_grad_chunk_budget_mb", 256.0) * 2**20
-    return max(1, int(budget // dense_chunk_bytes_per_token(config, ffn_size, dtype)))
-
-
-def dense_pairs(
-    dense_probs: torch.Tensor, routing_map: torch.Tensor, config: TransformerConfig
-) -> Optional[torch.Tensor]:
-    """The (token, expert) pairs the backward scores under the opt-in approximations.
-
-    None (every pair, the exact gradient) unless ``moe_dense_router_grad_topm`` or
-    ``moe_dense_router_grad_token_fraction`` is set. Top-M keeps K plus the M - k
-    non-selected experts with the highest scores (K stays in, as the gated baseline needs
-    its G); the token fraction keeps each token with probability f.
-    """
-    topm = getattr(config, "moe_dense_router_grad_topm", None)
-    fraction = getattr(config, "moe_dense_router_grad_token_fraction", 1.0)
-    if topm is None and fraction >= 1.0:
-        return None
-    pairs = torch.ones_like(routing_map)
-    if topm is not None:
-        extra = dense_probs.topk(topm - config.moe_router_topk, dim=-1).indices
-        pairs = routing_map.clone().scatter_(1, extra, True)
-    if fraction < 1.0:
-        keep = torch.rand(routing_map.shape[0], device=routing_map.device) < fraction
-        pairs &= keep.unsqueeze(1)
-    return pairs
+    dense_probs: torch.Tensor
+    """The router's dense weights, [num_tokens, num_experts]; receives G in the backward."""
+    inputs: DenseBackwardInputs
+    """Everything else the backward needs."""
 
 
 class DenseMixerMoELayer(MoELayer):
@@ -123,7 +41,14 @@ class DenseMixerMoELayer(MoELayer):
 
     Takes MoELayer's arguments. A router spec left at Megatron's TopKRouter is upgraded to
     DenseMixerTopKRouter, so swapping the layer class in a spec is enough.
+
+    Raises:
+        ValueError: the config's DenseMixer options are invalid, or the flag is on and the
+            router or expert module is one the dense reduction does not cover.
     """
+
+    pending_dense_grad: Optional[PendingDenseGrad]
+    """Set by ``route`` when the dense gradient is active, consumed by ``postprocess``."""
 
     def __init__(
         self,
@@ -134,12 +59,11 @@ class DenseMixerMoELayer(MoELayer):
         tp_group: Any = None,
         **kwargs: Any,
     ) -> None:
-        # tp_group: TransformerLayer (<= 0.17) passes it instead of pg_collection to any MLP
-        # whose module is not MoELayer itself; MoELayer then uses the default process groups.
+        # tp_group: what TransformerLayer (<= 0.17) may pass to an MLP that is not MoELayer
+        # itself; the layer's process groups come from compat.mlp_process_groups instead.
         del tp_group
         validate_dense_router_grad(config)
-        if pg_collection is None:
-            pg_collection = get_default_pg_collection()
+        pg_collection = compat.mlp_process_groups(pg_collection)
         enabled = dense_router_grad_enabled(config)
         if enabled and submodules is not None and submodules.router is TopKRouter:
             submodules = compat.replace_router(submodules, DenseMixerTopKRouter)
@@ -150,7 +74,7 @@ class DenseMixerMoELayer(MoELayer):
             pg_collection=pg_collection,
             **kwargs,
         )
-        self._pending_dense: Optional[tuple] = None
+        self.pending_dense_grad = None
         self.dense_reduction: Optional[DenseReduction] = None
         if not enabled:
             return
@@ -163,7 +87,6 @@ class DenseMixerMoELayer(MoELayer):
         ffn_size = weights[0].fc2_weight.shape[1]
         self.dense_reduction = DenseReduction(
             config=config,
-            local_experts=lambda: local_expert_weights(self.experts),
             chunk_size=dense_chunk_size(config, ffn_size, weights[0].fc2_weight.dtype),
             tp_ep_group=pg_collection.tp_ep,
             expert_tp_size=pg_collection.expt_tp.size(),
@@ -172,29 +95,62 @@ class DenseMixerMoELayer(MoELayer):
         )
 
     def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """MoELayer.route; when active, also keeps what the dense backward needs."""
+        """MoELayer.route; when active, also records what the dense backward needs."""
         probs, routing_map = super().route(hidden_states, *args, **kwargs)
-        dense_probs = self.router.pop_dense_probs() if self.dense_reduction else None
+        self.pending_dense_grad = None
+        dense_probs = None
+        if self.dense_reduction is not None:
+            dense_probs, self.router.dense_probs = self.router.dense_probs, None
         if dense_probs is not None:
-            pairs = dense_pairs(dense_probs.detach(), routing_map, self.config)
-            self._pending_dense = (dense_probs, hidden_states, probs.detach(), routing_map, pairs)
+            options = dense_router_grad_options(self.config)
+            self.pending_dense_grad = PendingDenseGrad(
+                dense_probs,
+                DenseBackwardInputs(
+                    hidden_states=hidden_states,
+                    probs=probs.detach(),
+                    routing_map=routing_map,
+                    experts=local_expert_weights(self.experts),
+                    reduction=self.dense_reduction,
+                    variant=options.moe_dense_router_grad_variant,
+                    token_fraction=options.moe_dense_router_grad_token_fraction,
+                    pairs=dense_pairs(dense_probs.detach(), routing_map, self.config),
+                ),
+            )
         return probs, routing_map
 
     def postprocess(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """MoELayer.postprocess, then DenseMixer's straight-through function when active."""
         output = super().postprocess(output, *args, **kwargs)
-        pending, self._pending_dense = self._pending_dense, None
+        pending, self.pending_dense_grad = self.pending_dense_grad, None
         if pending is not None:
-            dense_probs, hidden_states, probs, routing_map, pairs = pending
-            output = dense_router_grad(
-                output,
-                dense_probs,
-                hidden_states,
-                probs,
-                routing_map,
-                self.dense_reduction,
-                getattr(self.config, "moe_dense_router_grad_variant", "partscale"),
-                pairs,
-                getattr(self.config, "moe_dense_router_grad_token_fraction", 1.0),
-            )
+            output = dense_router_grad(output, pending.dense_probs, pending.inputs)
         return output
+
+
+def check_dense_router_grad_applied(model: Any) -> None:
+    """Raises if a model's config asks for DenseMixer but an MoE layer would not apply it.
+
+    Call it once on a built model (a module or a list of model chunks) wherever the plugin
+    does not build the model itself: a custom spec, a framework's own model builder. The
+    launcher, the Megatron-Bridge provider wrapper and the verl patches call it for you.
+
+    Raises:
+        RuntimeError: an MoE layer whose config has ``moe_dense_router_grad=True`` is not a
+            DenseMixerMoELayer with a DenseMixerTopKRouter (its spec was not passed through
+            ``densemixer_spec``), so it would train conventionally.
+    """
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for name, module in chunk.named_modules():
+            if not (isinstance(module, MoELayer) and dense_router_grad_enabled(module.config)):
+                continue
+            if not (
+                isinstance(module, DenseMixerMoELayer)
+                and isinstance(module.router, DenseMixerTopKRouter)
+            ):
+                raise RuntimeError(
+                    f"moe_dense_router_grad=True, but MoE layer {name or type(chunk).__name__} "
+                    f"is a {type(module).__name__} with router {type(module.router).__name__}: "
+                    "it would train conventionally. Build the layer spec with "
+                    "megatron_densemixer.densemixer_spec(spec)."
+                )

@@ -9,7 +9,11 @@ import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer.config import dense_router_grad_enabled, validate_dense_router_grad
+from megatron_densemixer.options import (
+    dense_router_grad_enabled,
+    renormalises_topk,
+    validate_dense_router_grad,
+)
 
 # Megatron adds this to the denominator of sigmoid-style renormalisation.
 _RENORM_EPS = 1e-20
@@ -37,12 +41,15 @@ def dense_router_probs(
         w_e = c * s_e / stopgrad(S)   for e not in K, when the top-k weights are renormalised
         w_e = c * s_e                 for e not in K, otherwise
         w_e = 0                       for e in K (the conventional probs carry those)
+        w_e = 0                       for every e when K is empty
 
     where S = sum_{j in K} s_j (+1e-20 for sigmoid-style scores, as Megatron does) and c is
     ``moe_router_topk_scaling_factor`` (1 when unset). Renormalised means softmax with
     ``moe_router_pre_softmax=False`` or sigmoid/sqrtsoftplus with ``moe_router_topk > 1``.
     With dL/dw_e = G_e = <g, E_e(x)>, this adds dL/ds_j = c G_j / S (or c G_j) for j not in K
-    to the conventional gradient, which is exactly the DenseMixer "partscale" gradient.
+    to the conventional gradient, which is exactly the DenseMixer "partscale" gradient. A
+    token routed to no expert (padding exclusion, dropping) has no conventional output and
+    contributes nothing to the dense term either; S is never divided by when it is empty.
 
     Args:
         logits: Router logits, [num_tokens, num_experts].
@@ -53,58 +60,57 @@ def dense_router_probs(
         The dense weights, [num_tokens, num_experts], in fp32 (fp64 for fp64 logits).
     """
     scores = router_scores(logits, config.moe_router_score_function)
-    if config.moe_router_score_function == "softmax":
-        renormalised, eps = not config.moe_router_pre_softmax, 0.0
-    else:
-        renormalised, eps = config.moe_router_topk > 1, _RENORM_EPS
-    if renormalised:
+    routed = routing_map.any(dim=-1, keepdim=True)  # [num_tokens, 1]
+    if renormalises_topk(config):
+        eps = 0.0 if config.moe_router_score_function == "softmax" else _RENORM_EPS
         selected_sum = (scores * routing_map).sum(dim=-1, keepdim=True) + eps
+        # An unrouted row's S is 0 (or eps): divide by 1 there, its weights are zeroed below.
+        selected_sum = torch.where(routed, selected_sum, torch.ones_like(selected_sum))
         scores = scores / selected_sum.detach()
     if config.moe_router_topk_scaling_factor:
         scores = scores * config.moe_router_topk_scaling_factor
-    return scores.masked_fill(routing_map, 0.0)
+    return scores.masked_fill(routing_map | ~routed, 0.0)
 
 
 class DenseMixerTopKRouter(TopKRouter):
     """TopKRouter whose routing also records the dense weights of the non-selected experts.
 
     Its probs and routing_map are the parent's, untouched. When the dense router gradient is
-    active (flag on, grad enabled, router trainable), ``routing`` also computes
-    ``dense_router_probs`` from the same logits and routing map, which the MoE layer takes
-    with ``pop_dense_probs``.
+    active (flag on, grad enabled, some router parameter trainable), ``routing`` also computes
+    ``dense_router_probs`` from the same logits and routing map and leaves them in
+    ``dense_probs`` for the MoE layer, which takes them (and resets the attribute) in its
+    ``route`` step.
     """
+
+    dense_probs: Optional[torch.Tensor]
+    """The dense weights of the last active ``routing`` call, [num_tokens, num_experts];
+    None once the layer has taken them, or when the dense gradient is inactive."""
 
     def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
         validate_dense_router_grad(config)
         super().__init__(config, *args, **kwargs)
-        self._dense_probs: Optional[torch.Tensor] = None
+        self.dense_probs = None
 
     def dense_router_grad_active(self) -> bool:
         """Whether this call needs the dense router gradient.
 
         No dense work with the flag off, under no_grad (eval, RL log-prob passes, the first
-        pass of activation recompute) or with a frozen router.
+        pass of activation recompute) or when no router parameter is trainable. Any trainable
+        one (weight, bias, an adapter registered under the router) turns it on, since each
+        receives the gradient of the logits.
         """
         return (
             dense_router_grad_enabled(self.config)
             and torch.is_grad_enabled()
-            and self.weight.requires_grad
+            and any(p.requires_grad for p in self.parameters())
         )
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
         """Megatron's top-k routing, plus the dense weights when active."""
         probs, routing_map = super().routing(logits, *args, **kwargs)
+        self.dense_probs = None
         if self.dense_router_grad_active():
-            self._dense_probs = dense_router_probs(
+            self.dense_probs = dense_router_probs(
                 logits.reshape(-1, self.config.num_moe_experts), routing_map, self.config
             )
         return probs, routing_map
-
-    def peek_dense_probs(self) -> Optional[torch.Tensor]:
-        """The dense weights of the last ``routing`` call, left for the layer to take."""
-        return self._dense_probs
-
-    def pop_dense_probs(self) -> Optional[torch.Tensor]:
-        """Returns the dense weights of the last ``routing`` call once, or None."""
-        dense_probs, self._dense_probs = self._dense_probs, None
-        return dense_probs

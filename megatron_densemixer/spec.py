@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TypeVar
+import functools
+import inspect
+from typing import Any, Callable, Optional, TypeVar
 
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -19,16 +21,24 @@ Spec = TypeVar("Spec")
 def densemixer_spec(spec: Spec) -> Spec:
     """Returns ``spec`` with every MoE layer made a DenseMixerMoELayer with its router.
 
-    Accepts what Megatron's spec functions return: a TransformerLayer ModuleSpec, a
-    TransformerBlockSubmodules (its ``layer_specs``), or the MoE spec itself
-    (``ModuleSpec(module=MoELayer, ...)`` up to 0.17, ``functools.partial(MoELayer, ...)`` from
-    0.18). Dense layers, the experts, shared experts and every parameter name stay as they
-    are. Whether DenseMixer is on is still up to ``moe_dense_router_grad`` in the config.
+    Accepts every form Megatron and the frameworks on it hand to GPTModel: a TransformerLayer
+    ModuleSpec, a TransformerBlockSubmodules (its ``layer_specs``), a
+    ``ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules)`` (a valid
+    Megatron-LM ``--spec`` target), the MoE spec itself (``ModuleSpec(module=MoELayer, ...)``
+    up to 0.17, ``functools.partial(MoELayer, ...)`` from 0.18), or a spec *function* taking
+    the model config (Megatron-LM >= 0.19, Megatron-Bridge providers), which comes back as a
+    ``DenseMixerSpecFunction``. Non-MoE MLPs, the experts, shared experts and every parameter
+    name stay as they are. Whether DenseMixer is on is still up to ``moe_dense_router_grad``
+    in the config.
+
+    Raises:
+        ValueError: an MoE spec names a router other than TopKRouter.
 
     Example:
         >>> spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
         >>> model = GPTModel(config, transformer_layer_spec=densemixer_spec(spec), ...)
     """
+    compat.quiet_subclass_mlp_warning()
     moe = compat.moe_spec_parts(spec)
     if moe is not None:
         _, submodules = moe
@@ -44,6 +54,8 @@ def densemixer_spec(spec: Spec) -> Spec:
         return dataclasses.replace(
             spec, layer_specs=[densemixer_spec(layer) for layer in spec.layer_specs]
         )
+    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+        return dataclasses.replace(spec, submodules=densemixer_spec(spec.submodules))
     if isinstance(spec, ModuleSpec) and spec.submodules is not None:
         mlp = getattr(spec.submodules, "mlp", None)
         if mlp is None:
@@ -51,4 +63,30 @@ def densemixer_spec(spec: Spec) -> Spec:
         return dataclasses.replace(
             spec, submodules=dataclasses.replace(spec.submodules, mlp=densemixer_spec(mlp))
         )
+    if isinstance(spec, DenseMixerSpecFunction):
+        return spec
+    if callable(spec) and not isinstance(spec, (ModuleSpec, functools.partial, type)):
+        return DenseMixerSpecFunction(spec)
     return spec
+
+
+def call_spec_function(function: Callable[..., Any], config: Any, vp_stage: Optional[int]) -> Any:
+    """Calls a layer-spec function with ``vp_stage`` when it takes one (newer Megatron)."""
+    if "vp_stage" in inspect.signature(function).parameters:
+        return function(config, vp_stage=vp_stage)
+    return function(config)
+
+
+class DenseMixerSpecFunction:
+    """A layer-spec function whose specs come back through ``densemixer_spec``.
+
+    Megatron-LM >= 0.19's ``GPTModelConfig.transformer_layer_spec`` and Megatron-Bridge
+    providers may hold a function of the model config (and ``vp_stage``), called per model
+    chunk at build time; this wraps one. Module-level and holding only ``base``, so it pickles.
+    """
+
+    def __init__(self, base: Callable[..., Any]) -> None:
+        self.base = base
+
+    def __call__(self, config: Any, vp_stage: Optional[int] = None) -> Any:
+        return densemixer_spec(call_spec_function(self.base, config, vp_stage))

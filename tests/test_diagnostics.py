@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from megatron_densemixer import DenseMixerTransformerConfig, compat, densemixer_spec
 from megatron_densemixer.diagnostics import (
     TRACKER_PREFIX,
     RouterDiagnostics,
@@ -17,23 +16,17 @@ from megatron_densemixer.diagnostics import (
     grad_split,
     normalized_entropy,
 )
-from tests.megatron_cpu import build_moe_layer, init_model_parallel
-from tests.test_moe_layer import make_config  # hidden 16, 8 experts, top-2
+from tests.support.builders import (
+    HIDDEN,
+    build_dense_layer,
+    make_config,
+    moe_metrics,
+    remove_moe_metrics,
+)
 
-SEQ, BATCH, HIDDEN, EXPERTS = 5, 2, 16, 8
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_parallel():
-    init_model_parallel(tp=1, ep=1)
-
-
-def build_layer(config: DenseMixerTransformerConfig, seed: int = 0):
-    from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-
-    torch.manual_seed(seed)
-    spec = get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)
-    return build_moe_layer(config, spec=densemixer_spec(spec))
+SEQ, BATCH = 5, 2
 
 
 def forward_backward(layer, seed: int = 1) -> None:
@@ -126,8 +119,10 @@ def test_split_matches_dense_minus_conventional_layer():
     """The dense part D equals the difference between a DenseMixer layer's router grad and a
     conventional layer's with the same weights and inputs; guards the hook-based split."""
     config = make_config()
-    dense_layer = build_layer(config)
-    conventional = build_layer(dataclasses.replace(config, moe_dense_router_grad=False))
+    dense_layer = build_dense_layer(config, seed=0)
+    conventional = build_dense_layer(
+        dataclasses.replace(config, moe_dense_router_grad=False), seed=0
+    )
     conventional.load_state_dict(dense_layer.state_dict())
     diagnostics = RouterDiagnostics(dense_layer, log_to_tracker=False)
     forward_backward(dense_layer)
@@ -148,14 +143,14 @@ def test_split_matches_dense_minus_conventional_layer():
 def test_conventional_and_frozen_routers():
     """No dense part without the flag; no gradient fields at all for a frozen router."""
     config = make_config(moe_dense_router_grad=False)
-    layer = build_layer(config)
+    layer = build_dense_layer(config, seed=0)
     diagnostics = RouterDiagnostics(layer, log_to_tracker=False)
     forward_backward(layer)
     (stats,) = diagnostics.step()
     assert stats.grad_norm == pytest.approx(float(layer.router.weight.grad.norm()), rel=1e-5)
     assert stats.dense_grad_norm is None and stats.dense_share is None and stats.cosine is None
 
-    frozen = build_layer(make_config())
+    frozen = build_dense_layer(make_config(), seed=0)
     frozen.router.weight.requires_grad_(False)
     diagnostics = RouterDiagnostics(frozen, log_to_tracker=False)
     forward_backward(frozen)
@@ -167,7 +162,7 @@ def test_conventional_and_frozen_routers():
 def test_load_and_flips():
     """Load = routed pairs per expert; flips: None first, 1.0 after permuting the router's
     rows (every top-2 set of 8 moves under a cyclic shift), 0.0 with unchanged weights."""
-    layer = build_layer(make_config())
+    layer = build_dense_layer(make_config(), seed=0)
     maps = []
     layer.router.register_forward_hook(lambda m, a, out: maps.append(out[1].clone()))
     diagnostics = RouterDiagnostics(layer, log_to_tracker=False)
@@ -190,7 +185,7 @@ def test_load_and_flips():
 
 def test_eval_and_no_grad_are_not_counted():
     """Evaluation forwards must not pollute the training step's stats."""
-    layer = build_layer(make_config())
+    layer = build_dense_layer(make_config(), seed=0)
     diagnostics = RouterDiagnostics(layer, log_to_tracker=False)
     with torch.no_grad():
         layer(torch.randn(SEQ, BATCH, HIDDEN))
@@ -202,20 +197,20 @@ def test_eval_and_no_grad_are_not_counted():
 
 def test_logs_to_megatron_tracker():
     """Scalars land in Megatron's layer-wise tracker at the layer's index, under our prefix."""
-    layer = build_layer(make_config(), seed=3)
+    layer = build_dense_layer(make_config(), seed=3)
     diagnostics = RouterDiagnostics(layer)
     try:
         forward_backward(layer)
         (stats,) = diagnostics.step()
         index = stats.layer_number - 1
-        metrics = compat.moe_metrics()
+        metrics = moe_metrics()
         for name in ("dense_share", "cosine", "load_entropy", "grad_norm"):
             values = metrics[TRACKER_PREFIX + name]
             assert values[index].item() == pytest.approx(getattr(stats, name), rel=1e-6)
         # routing_flips is None on the first step and is not logged then.
         assert TRACKER_PREFIX + "routing_flips" not in metrics
     finally:
-        compat.remove_moe_metrics(k for k in compat.moe_metrics() if k.startswith(TRACKER_PREFIX))
+        remove_moe_metrics(k for k in moe_metrics() if k.startswith(TRACKER_PREFIX))
 
 
 def test_requires_moe_layers():

@@ -16,26 +16,28 @@ from typing import Dict, List, Optional
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from megatron_densemixer import (
-    DenseMixerMoELayer,
-    DenseMixerTransformerConfig,
-    dense_router_grad_comm_bytes,
-    densemixer_spec,
+from tests.support import reference as ref
+from tests.support.builders import (
+    EXPERTS,
+    HIDDEN,
+    TOPK,
+    build_dense_layer,
+    parallel_config,
+    reference_model,
+    rel_err,
+    run_layer,
 )
-from tests import reference as ref
-from tests.megatron_cpu import (
+from tests.support.megatron_cpu import (
     build_moe_layer,
     init_model_parallel,
     run_distributed,
     shard_moe_state_dict,
 )
 
-SEQ, BATCH, HIDDEN, FFN, EXPERTS, TOPK = 6, 4, 16, 24, 8, 2
+SEQ, BATCH = 6, 4
 
 # Norm-relative tolerance of every fp32 comparison with the single-rank run. The parallel run
 # computes the same products; only the order of the sums differs (cross-rank all-reduces,
@@ -49,71 +51,12 @@ TOL = 1e-5
 # --------------------------------------------------------------------------------------
 # Model, data and gradient reduction shared by the single- and multi-rank runs
 # --------------------------------------------------------------------------------------
-def make_config(
-    dispatcher: str = "alltoall", tp: int = 1, ep: int = 1, etp: Optional[int] = None, **kw
-) -> DenseMixerTransformerConfig:
-    fields = dict(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN,
-        moe_ffn_hidden_size=FFN,
-        num_attention_heads=4,
-        num_moe_experts=EXPERTS,
-        moe_router_topk=TOPK,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        moe_token_dispatcher_type=dispatcher,
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-        use_cpu_initialization=True,
-        moe_dense_router_grad=True,
-        tensor_model_parallel_size=tp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-        # Megatron's MoELayer refuses to train with TP > 1 unless SP is on.
-        sequence_parallel=tp > 1,
-    )
-    fields.update(kw)
-    return DenseMixerTransformerConfig(**fields)
-
-
-def build_dense_layer(config: DenseMixerTransformerConfig) -> DenseMixerMoELayer:
-    spec = densemixer_spec(get_moe_module_spec(use_te=False, num_experts=EXPERTS))
-    layer = build_moe_layer(config, spec=spec)
-    assert type(layer) is DenseMixerMoELayer
-    return layer
-
-
 def global_batch():
     """x and g of the whole batch, [SEQ, BATCH, HIDDEN], identical in every process."""
     gen = torch.Generator().manual_seed(1234)
     x = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
     g = torch.randn(SEQ, BATCH, HIDDEN, generator=gen)
     return x, g
-
-
-def run_layer(layer, x: torch.Tensor, g: torch.Tensor, full_recompute: bool = False):
-    """Forward + backward of loss = sum(y * g); returns y, dL/dx and every param grad.
-
-    ``full_recompute`` wraps the call in tensor_parallel.checkpoint, as TransformerBlock's
-    full-layer recompute does.
-    """
-    from megatron.core import tensor_parallel
-
-    layer.zero_grad(set_to_none=True)
-    x = x.clone().requires_grad_(True)
-    if full_recompute:
-        y, _ = tensor_parallel.checkpoint(layer, False, x)
-    else:
-        y, _ = layer(x)
-    y.backward(g)
-    grads = {
-        name: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-        for name, p in layer.named_parameters()
-    }
-    return y.detach(), x.grad, grads
 
 
 def finalize_grads(layer, config) -> None:
@@ -151,30 +94,6 @@ def finalize_grads(layer, config) -> None:
 
     _allreduce_non_tensor_model_parallel_grads(
         [_Chunk(layer)], config, ps.get_tensor_model_parallel_group()
-    )
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
-
-
-def reference_model(layer, config) -> ref.Model:
-    """The float64 reference model holding ``layer``'s (single-rank) weights."""
-    experts = [
-        ref.Expert(
-            mlp.linear_fc1.weight.detach().double(),
-            None,
-            mlp.linear_fc2.weight.detach().double(),
-            None,
-        )
-        for mlp in layer.experts.local_experts
-    ]
-    return ref.Model(
-        router_w=layer.router.weight.detach().double(),
-        router_b=None,
-        experts=experts,
-        act=config.activation_func,
-        glu=config.gated_linear_unit,
     )
 
 
@@ -223,14 +142,14 @@ CASES = _cases()
 def _single_rank(dispatcher: str) -> dict:
     """The whole batch through one rank's model (no parallelism): the expected values."""
     init_model_parallel(tp=1, ep=1)
-    config = make_config(dispatcher)
+    config = parallel_config(dispatcher)
     torch.manual_seed(0)
     layer = build_dense_layer(config)
     x, g = global_batch()
-    y, dx, grads = run_layer(layer, x, g)
+    y, dx, grads = run_layer(layer, x, g, zero_missing_grads=True)
     conventional = build_moe_layer(dataclasses.replace(config, moe_dense_router_grad=False))
     conventional.load_state_dict(layer.state_dict(), strict=True)
-    _, _, grads_conv = run_layer(conventional, x, g)
+    _, _, grads_conv = run_layer(conventional, x, g, zero_missing_grads=True)
     return dict(
         config=config,
         layer=layer,
@@ -270,7 +189,7 @@ def _check_case(case: Case, expected: dict) -> Dict[str, float]:
     overrides = {}
     if case.recompute == "moe":
         overrides = dict(recompute_granularity="selective", recompute_modules=["moe"])
-    config = make_config(case.dispatcher, tp=case.tp, ep=case.ep, etp=case.etp, **overrides)
+    config = parallel_config(case.dispatcher, tp=case.tp, ep=case.ep, etp=case.etp, **overrides)
     layer = build_dense_layer(config)
     shard = dict(
         num_experts=EXPERTS,
@@ -289,7 +208,9 @@ def _check_case(case: Case, expected: dict) -> Dict[str, float]:
     def local(tensor: torch.Tensor) -> torch.Tensor:
         return _local_tokens(tensor, config, case.uneven)
 
-    y, dx, grads = run_layer(layer, local(x), local(g), case.recompute == "full")
+    y, dx, grads = run_layer(
+        layer, local(x), local(g), case.recompute == "full", zero_missing_grads=True
+    )
     for name, param in layer.named_parameters():
         param.grad = grads[name]
     finalize_grads(layer, config)
@@ -393,30 +314,27 @@ def test_parallel_matches_single_rank(name, world_results):
 # --------------------------------------------------------------------------------------
 # Single-rank recompute and routing replay
 # --------------------------------------------------------------------------------------
-@pytest.fixture
-def single_rank():
-    init_model_parallel(tp=1, ep=1)
-
-
 @pytest.mark.parametrize("recompute", ["moe", "full"])
 @pytest.mark.parametrize("dispatcher", ["allgather", "alltoall"])
-def test_recompute_gives_the_same_gradients(single_rank, dispatcher, recompute):
+def test_recompute_gives_the_same_gradients(fresh_model_parallel, dispatcher, recompute):
     """MoE activation recompute and full-layer recompute give bitwise the gradients of a plain
     run. Guards the dense backward against the recompute's two forwards: the first runs under
     no_grad (so must not stash dense probs), the second must attach the dense gradient."""
-    config = make_config(dispatcher)
+    config = parallel_config(dispatcher)
     torch.manual_seed(0)
     plain = build_dense_layer(config)
     if recompute == "moe":
-        config = make_config(
+        config = parallel_config(
             dispatcher, recompute_granularity="selective", recompute_modules=["moe"]
         )
     recomputed = build_dense_layer(config)
     recomputed.load_state_dict(plain.state_dict(), strict=True)
     assert recomputed.moe_layer_recompute == (recompute == "moe")
     x, g = global_batch()
-    y, dx, grads = run_layer(plain, x, g)
-    y_re, dx_re, grads_re = run_layer(recomputed, x, g, full_recompute=recompute == "full")
+    y, dx, grads = run_layer(plain, x, g, zero_missing_grads=True)
+    y_re, dx_re, grads_re = run_layer(
+        recomputed, x, g, full_recompute=recompute == "full", zero_missing_grads=True
+    )
     assert torch.equal(y, y_re) and torch.equal(dx, dx_re)
     for name in grads:
         assert torch.equal(grads[name], grads_re[name]), name
@@ -430,7 +348,7 @@ def _random_selection(num_tokens: int, seed: int) -> torch.Tensor:
 
 @pytest.mark.parametrize("recompute", [False, True])
 @pytest.mark.parametrize("score_function", ["softmax", "sigmoid"])
-def test_routing_replay(single_rank, score_function, recompute):
+def test_routing_replay(fresh_model_parallel, score_function, recompute):
     """With moe_enable_routing_replay, K is the replayed set, the forward and expert grads are
     a conventional MoELayer's under the same replay (bitwise), and the router and input grads
     are the float64 reference's with that K forced.
@@ -442,7 +360,7 @@ def test_routing_replay(single_rank, score_function, recompute):
     kw = dict(moe_router_score_function=score_function, moe_enable_routing_replay=True)
     if recompute:
         kw.update(recompute_granularity="selective", recompute_modules=["moe"])
-    config = make_config("alltoall", **kw)
+    config = parallel_config("alltoall", **kw)
     RouterReplay.clear_global_router_replay_instances()
     try:
         torch.manual_seed(0)
@@ -500,107 +418,3 @@ def test_routing_replay(single_rank, score_function, recompute):
     assert rel_err(grads["router.weight"], expected.d_router_w) < 1e-5
     assert rel_err(grads_conv["router.weight"], expected_conv.d_router_w) < 1e-5
     assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
-
-
-# --------------------------------------------------------------------------------------
-# Communication volume
-# --------------------------------------------------------------------------------------
-def test_comm_bytes_single_rank_is_zero():
-    """Without EP or expert TP the dense backward communicates nothing."""
-    bytes_ = dense_router_grad_comm_bytes(make_config(), num_tokens_per_rank=4096)
-    assert bytes_ == (0, 0, 0, 0, 0) and bytes_.total == 0
-
-
-@pytest.mark.parametrize(
-    "kw, dtype, expected",
-    [
-        # EP=4, ETP=1, fp32: P=4, L=2. x, g: 3*100*16*4 = 19200; scores: 3*100*2*4 = 2400;
-        # token counts: 3*8 = 24.
-        (dict(ep=4), None, (19200, 19200, 2400, 0, 24)),
-        # EP=2 x ETP=2, bf16 x and g: P=4, L=4. x, g: 3*100*16*2 = 9600; scores: 3*100*4*4.
-        (dict(ep=2, tp=2), torch.bfloat16, (9600, 9600, 4800, 0, 24)),
-        # TP=2 with ETP=1, EP=2: P=2 (TP ranks outside the group). x, g: 1*100*16*4 = 6400;
-        # scores: 1*100*4*4 = 1600; counts: 8.
-        (dict(ep=2, tp=2, etp=1), None, (6400, 6400, 1600, 0, 8)),
-        # ETP=2 alone: P=2, L=8: x, g: 6400; scores: 1*100*8*4 = 3200.
-        (dict(etp=2), None, (6400, 6400, 3200, 0, 8)),
-        # Top-M approximation adds the uint8 pair mask: 3*100*8 = 2400.
-        (dict(ep=4, moe_dense_router_grad_topm=4), None, (19200, 19200, 2400, 2400, 24)),
-    ],
-)
-def test_comm_bytes_hand_computed(kw, dtype, expected):
-    """dense_router_grad_comm_bytes on hand-computed cases (T=100 tokens per rank, H=16,
-    E=8): guards the formula against using the wrong group size, expert count or dtype."""
-    tp, ep, etp = kw.pop("tp", 1), kw.pop("ep", 1), kw.pop("etp", None)
-    config = make_config("alltoall", tp=tp, ep=ep, etp=etp, **kw)
-    bytes_ = dense_router_grad_comm_bytes(config, 100, dtype=dtype)
-    assert tuple(bytes_) == expected
-    assert bytes_.total == sum(expected)
-
-
-def test_comm_bytes_overrides_and_params_dtype():
-    """Explicit EP/ETP override the config; x and g default to the params dtype."""
-    config = make_config(params_dtype=torch.bfloat16, bf16=True)
-    bytes_ = dense_router_grad_comm_bytes(
-        config, 10, expert_model_parallel_size=8, expert_tensor_parallel_size=1
-    )
-    # P=8, L=1: x, g: 7*10*16*2 = 2240; scores: 7*10*1*4 = 280; counts: 7*8 = 56.
-    assert tuple(bytes_) == (2240, 2240, 280, 0, 56)
-
-
-def test_comm_bytes_match_the_collectives(monkeypatch):
-    """The reported bytes equal what DenseReduction.scores actually passes to its
-    collectives (counted on a fake 4-rank group), so the formula cannot drift from the code."""
-    from megatron_densemixer import autograd as dm_autograd
-
-    config = make_config("alltoall", ep=2, tp=2, moe_dense_router_grad_topm=4)
-    group_size, num_tokens = 4, 5
-    received = {"all_gather": 0, "all_to_all": 0}
-
-    def all_gather_into_tensor(output, tensor, group=None):
-        received["all_gather"] += (output.numel() - tensor.numel()) * tensor.element_size()
-        output.copy_(tensor.repeat((group_size,) + (1,) * (tensor.dim() - 1)))
-
-    def all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=None):
-        own = output_split_sizes[0] * output.shape[1]  # the block this rank keeps
-        received["all_to_all"] += (output.numel() - own) * output.element_size()
-        output.copy_(tensor)
-
-    monkeypatch.setattr(dm_autograd.dist, "get_world_size", lambda group=None: group_size)
-    monkeypatch.setattr(dm_autograd.dist, "all_gather_into_tensor", all_gather_into_tensor)
-    monkeypatch.setattr(dm_autograd.dist, "all_to_all_single", all_to_all_single)
-    local = EXPERTS // 2
-    weights = [
-        dm_autograd.ExpertWeights(
-            torch.randn(FFN, HIDDEN), None, torch.randn(HIDDEN, FFN // 2), None
-        )
-        for _ in range(local)
-    ]
-    reduction = dm_autograd.DenseReduction(
-        config=config,
-        local_experts=lambda: weights,
-        chunk_size=3,
-        tp_ep_group=object(),
-        expert_tp_size=2,
-        expert_tp_rank=0,
-        local_expert_offset=0,
-    )
-    pairs = torch.ones(num_tokens, EXPERTS, dtype=torch.bool)
-    scores = reduction.scores(
-        torch.randn(num_tokens, HIDDEN), torch.randn(num_tokens, HIDDEN), pairs
-    )
-    assert scores.shape == (num_tokens, EXPERTS)
-    expected = dense_router_grad_comm_bytes(config, num_tokens)
-    assert received["all_gather"] == (
-        expected.all_gather_hidden
-        + expected.all_gather_grad
-        + expected.all_gather_pairs
-        + expected.all_gather_token_counts
-    )
-    assert received["all_to_all"] == expected.all_to_all_scores
-
-
-def test_flex_dispatcher_raises():
-    """The flex dispatcher is not supported by the dense reduction and must be refused."""
-    with pytest.raises(ValueError, match="moe_token_dispatcher_type='flex' is not supported"):
-        make_config("flex")

@@ -17,6 +17,8 @@ from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import (
     DenseMixerMoELayer,
@@ -24,28 +26,24 @@ from megatron_densemixer import (
     compat,
     densemixer_spec,
 )
-from tests import reference as ref
-from tests.megatron_cpu import build_moe_layer, init_model_parallel, install_grouped_gemm_fallback
-from tests.test_moe_layer import make_config, rel_err, run_layer
+from megatron_densemixer.spec import DenseMixerSpecFunction
+from tests.support import reference as ref
+from tests.support.builders import (
+    MOE_FIELDS,
+    make_config,
+    mlp_module,
+    mlp_modules,
+    rel_err,
+    run_layer,
+)
+from tests.support.megatron_cpu import build_moe_layer, install_grouped_gemm_fallback
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_parallel():
-    init_model_parallel(tp=1, ep=1)
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def _native_moe_submodules() -> MoESubmodules:
     """The submodules of the installed megatron-core's local MoE spec, whatever its form."""
     return compat.moe_spec_parts(get_moe_module_spec(use_te=False, num_experts=8))[1]
-
-
-def _mlp_module(layer_spec):
-    """The module (class) a TransformerLayer spec builds its MLP from."""
-    mlp = layer_spec.submodules.mlp
-    parts = compat.moe_spec_parts(mlp)
-    if parts is not None:
-        return parts[0]
-    return mlp.func if isinstance(mlp, functools.partial) else mlp.module
 
 
 def test_moe_module_spec():
@@ -82,15 +80,48 @@ def test_partial_moe_spec():
 def test_layer_and_block_specs():
     """A TransformerLayer spec and a block spec: MoE layers rewritten, dense layers kept."""
     layer = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
-    assert _mlp_module(densemixer_spec(layer)) is DenseMixerMoELayer
+    assert mlp_module(densemixer_spec(layer)) is DenseMixerMoELayer
     dense_layer = get_gpt_layer_local_spec()
     assert densemixer_spec(dense_layer) == dense_layer
 
     config = make_config(num_layers=4, moe_layer_freq=[0, 1, 0, 1])
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    mlps = [_mlp_module(s) for s in densemixer_spec(block).layer_specs]
+    mlps = mlp_modules(densemixer_spec(block))
     assert mlps[1] is DenseMixerMoELayer and mlps[3] is DenseMixerMoELayer
     assert mlps[0] is not DenseMixerMoELayer and mlps[2] is not DenseMixerMoELayer
+
+
+def test_layer_spec_forms():
+    """Every spec form GPTModel accepts from Megatron-LM gets its MoE layers rewritten."""
+    config = TransformerConfig(**MOE_FIELDS)
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+    rewritten = densemixer_spec(block)
+    assert all(module is DenseMixerMoELayer for module in mlp_modules(rewritten))
+
+    wrapped = ModuleSpec(module=TransformerBlock, submodules=block)
+    rewritten = densemixer_spec(wrapped).submodules
+    assert all(module is DenseMixerMoELayer for module in mlp_modules(rewritten))
+
+    layer = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
+    assert mlp_module(densemixer_spec(layer)) is DenseMixerMoELayer
+
+
+def test_spec_function_is_called_then_rewritten():
+    """Megatron-LM >= 0.19 accepts spec functions; the wrapper calls them per vp_stage."""
+    calls = []
+
+    def spec_function(config, vp_stage=None):
+        calls.append(vp_stage)
+        return get_gpt_decoder_block_spec(config, use_transformer_engine=False)
+
+    wrapper = densemixer_spec(spec_function)
+    assert isinstance(wrapper, DenseMixerSpecFunction)
+    spec = wrapper(TransformerConfig(**MOE_FIELDS), vp_stage=1)
+    assert calls == [1]
+    assert mlp_module(spec.layer_specs[0]) is DenseMixerMoELayer
+    layer = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
+    no_vp = densemixer_spec(lambda config: layer)
+    assert mlp_module(no_vp(None, vp_stage=0)) is DenseMixerMoELayer
 
 
 def test_custom_router_is_refused():
@@ -191,7 +222,7 @@ def test_gpt_model_parameter_names_and_training():
 def test_grouped_mlp_matches_reference():
     """The legacy GroupedMLP path (stacked [E, H, F1] weights) gives the reference gradient.
 
-    Runs with a pure-torch grouped GEMM (tests/megatron_cpu.py); GroupedMLP needs bf16. The
+    Runs with a pure-torch grouped GEMM (tests/support/megatron_cpu.py); GroupedMLP needs bf16. The
     router gradient is compared with the float64 reference at 3e-2 (see the bf16 test in
     test_moe_layer.py for why).
     """

@@ -1,11 +1,11 @@
-"""DenseMixer for Megatron-LM's ``pretrain_gpt.py``: the ``--moe-densemixer`` flags.
+"""DenseMixer for Megatron-LM's ``pretrain_gpt.py``: the ``--moe-dense-router-grad`` flags.
 
 ``pretrain_gpt.py`` has no hook for third-party arguments or layer specs, so the plugin comes in
 through a thin launcher (``examples/pretrain_gpt_densemixer.py``) that calls
 :func:`run_pretrain_gpt`. That runs Megatron-LM's own dataset provider and forward step with
 three changes: the parser gets :func:`extra_args_provider`, the TransformerConfig becomes a
 DenseMixer one (:func:`config_from_args`), and the layer spec (Megatron-LM's default one or the
-one named by ``--spec``) goes through :func:`densemixer_layer_spec`.
+one named by ``--spec``) goes through :func:`megatron_densemixer.densemixer_spec`.
 
 The parsing, config and spec pieces need only megatron-core; :func:`run_pretrain_gpt` and
 :func:`densemixer_gpt_builder` need a Megatron-LM checkout on ``sys.path`` (or
@@ -19,55 +19,43 @@ import contextlib
 import dataclasses
 import functools
 import importlib
+import importlib.util
 import inspect
 import os
+import runpy
 import sys
 import time
+import typing
 from types import ModuleType
 from typing import Any, Callable, Iterator, Optional
 
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
-from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+from megatron.core import package_info
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer.config import DENSE_ROUTER_GRAD_VARIANTS, DenseMixerTransformerConfig
-from megatron_densemixer.spec import densemixer_spec
+from megatron_densemixer.config import densemixer_config
+from megatron_densemixer.moe_layer import check_dense_router_grad_applied
+from megatron_densemixer.options import OPTION_NAMES, DenseMixerOptions
+from megatron_densemixer.spec import DenseMixerSpecFunction, densemixer_spec
 
 MEGATRON_LM_PATH_ENV = "MEGATRON_LM_PATH"
 
-# argparse dest -> flag. The dests are the config field names, so Megatron-LM's
-# ``core_transformer_config_from_args(args, config_class)`` would copy them as they are.
-DENSEMIXER_ARGS = {
-    "moe_dense_router_grad": "--moe-densemixer",
-    "moe_dense_router_grad_variant": "--moe-densemixer-variant",
-    "moe_dense_router_grad_chunk_size": "--moe-densemixer-chunk-size",
-    "moe_dense_router_grad_chunk_budget_mb": "--moe-densemixer-chunk-budget-mb",
-    "moe_dense_router_grad_topm": "--moe-densemixer-topm",
-    "moe_dense_router_grad_token_fraction": "--moe-densemixer-token-fraction",
-}
+# Before the flags were named after the fields; still accepted.
+_ALIAS_PREFIX = ("--moe-dense-router-grad", "--moe-densemixer")
 
 
-@dataclasses.dataclass
-class DenseMixerMLATransformerConfig(DenseMixerTransformerConfig, MLATransformerConfig):
-    """MLATransformerConfig with DenseMixer router gradients (DeepSeek-V3-style models).
-
-    Megatron-LM picks MLATransformerConfig itself for ``--multi-latent-attention``; this is its
-    DenseMixer counterpart, defined at module level so that configs stay picklable.
-    """
-
-
-# Config classes Megatron-LM builds -> their DenseMixer counterparts.
-_COUNTERPARTS: dict[type, type] = {
-    TransformerConfig: DenseMixerTransformerConfig,
-    MLATransformerConfig: DenseMixerMLATransformerConfig,
-}
+def option_flag(name: str) -> str:
+    """The command-line flag of a DenseMixer option: the field name, dashed."""
+    return "--" + name.replace("_", "-")
 
 
 def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Adds the DenseMixer flags to a Megatron-LM (or any argparse) parser.
 
-    Pass it as ``extra_args_provider`` to Megatron-LM's ``pretrain``/``parse_args``; defaults
-    come from DenseMixerTransformerConfig, so an absent flag means the config default.
+    One flag per ``DenseMixerOptions`` field, named after it (``--moe-dense-router-grad``,
+    ``--moe-dense-router-grad-variant``, ...), with its type, default and help; the dests are
+    the field names, so Megatron-LM's ``core_transformer_config_from_args(args, config_class)``
+    would copy them as they are. The ``--moe-densemixer*`` spellings are aliases. Pass it as
+    ``extra_args_provider`` to Megatron-LM's ``pretrain``/``parse_args``.
 
     Args:
         parser: The parser to extend.
@@ -75,54 +63,23 @@ def extra_args_provider(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     Returns:
         The same parser, as Megatron-LM's extra_args_provider contract expects.
     """
-    defaults = {f.name: f.default for f in dataclasses.fields(DenseMixerTransformerConfig)}
+    hints = typing.get_type_hints(DenseMixerOptions)
     group = parser.add_argument_group(title="DenseMixer (megatron-densemixer)")
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad"],
-        dest="moe_dense_router_grad",
-        action="store_true",
-        help="Give the MoE router a straight-through gradient from every expert's output "
-        "(DenseMixer). Forward values and expert gradients stay conventional.",
-    )
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad_variant"],
-        dest="moe_dense_router_grad_variant",
-        choices=DENSE_ROUTER_GRAD_VARIANTS,
-        default=defaults["moe_dense_router_grad_variant"],
-        help="Dense weights of the non-selected experts: 'partscale' (the DenseMixer "
-        "reference) or 'gated' (also subtracts the selected experts' baseline).",
-    )
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad_chunk_size"],
-        dest="moe_dense_router_grad_chunk_size",
-        type=int,
-        default=defaults["moe_dense_router_grad_chunk_size"],
-        help="Tokens per chunk of the backward's dense reduction; derived from "
-        "--moe-densemixer-chunk-budget-mb when unset.",
-    )
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad_chunk_budget_mb"],
-        dest="moe_dense_router_grad_chunk_budget_mb",
-        type=float,
-        default=defaults["moe_dense_router_grad_chunk_budget_mb"],
-        help="Activation memory budget (MiB) of one chunk of the dense reduction.",
-    )
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad_topm"],
-        dest="moe_dense_router_grad_topm",
-        type=int,
-        default=defaults["moe_dense_router_grad_topm"],
-        help="Approximation: dense gradient for the top-M experts by score only "
-        "(moe_router_topk < M <= num_experts). Unset: exact.",
-    )
-    group.add_argument(
-        DENSEMIXER_ARGS["moe_dense_router_grad_token_fraction"],
-        dest="moe_dense_router_grad_token_fraction",
-        type=float,
-        default=defaults["moe_dense_router_grad_token_fraction"],
-        help="Approximation: dense gradient on this random fraction of tokens, rescaled "
-        "(unbiased). 1.0: exact.",
-    )
+    for field in dataclasses.fields(DenseMixerOptions):
+        flag = option_flag(field.name)
+        flags = [flag, flag.replace(*_ALIAS_PREFIX)]
+        kwargs: dict[str, Any] = {"dest": field.name, "help": field.metadata["help"]}
+        metavar = field.name.rsplit("_", 1)[-1].upper()
+        hint = hints[field.name]
+        if hint is bool:
+            kwargs["action"] = "store_true"
+        elif typing.get_origin(hint) is typing.Literal:
+            kwargs.update(choices=typing.get_args(hint), default=field.default)
+        else:
+            # Optional[int] -> int; float stays float.
+            kinds = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+            kwargs.update(type=kinds[0], default=field.default, metavar=metavar)
+        group.add_argument(*flags, **kwargs)
     return parser
 
 
@@ -146,84 +103,7 @@ def chain_extra_args_providers(
 
 def densemixer_options_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """The ``moe_dense_router_grad*`` values of parsed arguments (absent ones left out)."""
-    return {name: getattr(args, name) for name in DENSEMIXER_ARGS if hasattr(args, name)}
-
-
-def densemixer_config(config: TransformerConfig, **options: Any) -> TransformerConfig:
-    """Returns ``config`` as its DenseMixer config class, with ``options`` set and validated.
-
-    TransformerConfig becomes DenseMixerTransformerConfig and MLATransformerConfig becomes
-    DenseMixerMLATransformerConfig; a config that is already a DenseMixerTransformerConfig is
-    updated with ``dataclasses.replace``. Construction re-runs ``__post_init__`` (as
-    ``dataclasses.replace`` does), so the DenseMixer validation runs too.
-
-    Args:
-        config: A config built by Megatron-LM (or by hand).
-        **options: ``moe_dense_router_grad*`` fields.
-
-    Returns:
-        A new config of the DenseMixer class; ``config`` is not modified.
-
-    Raises:
-        ValueError: ``config``'s class has no DenseMixer counterpart, or an option is invalid.
-    """
-    unknown = sorted(set(options) - set(DENSEMIXER_ARGS))
-    if unknown:
-        raise ValueError(
-            f"densemixer_config: unknown option(s) {unknown}; expected some of "
-            f"{sorted(DENSEMIXER_ARGS)}."
-        )
-    if isinstance(config, DenseMixerTransformerConfig):
-        return dataclasses.replace(config, **options)
-    config_class = _COUNTERPARTS.get(type(config))
-    if config_class is None:
-        raise ValueError(
-            f"densemixer_config: no DenseMixer config class for {type(config).__name__}; "
-            "subclass it together with DenseMixerTransformerConfig "
-            "(see DenseMixerMLATransformerConfig) or use TransformerConfig."
-        )
-    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.init}
-    values.update(options)
-    return config_class(**values)
-
-
-def densemixer_layer_spec(spec: Any) -> Any:
-    """Rewrites a GPT layer or block spec, in any form Megatron-LM hands to GPTModel.
-
-    Besides what :func:`megatron_densemixer.densemixer_spec` takes (a TransformerLayer
-    ModuleSpec, TransformerBlockSubmodules or an MoE spec), this accepts a
-    ``ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules)`` (a valid
-    ``--spec`` target) and a spec *function* taking the model config, as Megatron-LM >= 0.19
-    allows for ``GPTModelConfig.transformer_layer_spec``.
-    """
-    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
-        return dataclasses.replace(spec, submodules=densemixer_spec(spec.submodules))
-    if callable(spec) and not isinstance(spec, (ModuleSpec, functools.partial, type)):
-        return DenseMixerSpecFunction(spec)
-    return densemixer_spec(spec)
-
-
-class DenseMixerSpecFunction:
-    """A ``transformer_layer_spec`` callable for Megatron-LM >= 0.19's GPTModelConfig.
-
-    ``GPTModelBuilder`` calls it with the model config (and ``vp_stage``) at build time; it
-    calls ``base`` (the ``--spec`` function, or Megatron-LM's ``default_layer_spec`` when
-    ``base`` is None) and rewrites the result. A callable rather than a spec, because the
-    default spec depends on ``vp_stage``, which is only known per model chunk.
-    """
-
-    def __init__(self, base: Optional[Callable[..., Any]] = None) -> None:
-        self.base = base
-
-    def __call__(self, config: Any, vp_stage: Optional[int] = None) -> Any:
-        base = self.base
-        if base is None:
-            base = _import_megatron_lm("megatron.training.models.gpt").default_layer_spec
-        if "vp_stage" in inspect.signature(base).parameters:
-            spec = base(config, vp_stage=vp_stage)
-        else:
-            spec = base(config)
-        return densemixer_layer_spec(spec)
+    return {name: getattr(args, name) for name in OPTION_NAMES if hasattr(args, name)}
 
 
 def config_from_args(
@@ -271,6 +151,36 @@ def add_megatron_lm_to_path(path: Optional[str] = None) -> None:
         sys.path.append(path)
 
 
+def check_megatron_lm_checkout(root: str) -> None:
+    """Raises if the checkout at ``root`` carries a megatron-core other than the imported one.
+
+    ``megatron.training`` comes from the checkout, ``megatron.core`` from wherever Python found
+    it first: pip's wheel when the checkout is appended (``MEGATRON_LM_PATH``), the checkout's
+    own copy when it is prepended (``PYTHONPATH``). Megatron-LM's training code is written
+    against its own megatron-core, so a mismatch fails later in obscure ways.
+
+    Raises:
+        ImportError: naming both versions and where each comes from.
+    """
+    info = os.path.join(root, "megatron", "core", "package_info.py")
+    if not os.path.isfile(info):
+        return
+    checkout_version = runpy.run_path(info)["__version__"]
+    if checkout_version != package_info.__version__:
+        raise ImportError(
+            f"Megatron-LM checkout {root} carries megatron-core {checkout_version}, but the "
+            f"imported megatron.core is {package_info.__version__} "
+            f"({os.path.dirname(package_info.__file__)}). Install the matching wheel "
+            f"(pip install megatron-core=={checkout_version}), or put the checkout first with "
+            f"PYTHONPATH={root} instead of {MEGATRON_LM_PATH_ENV}."
+        )
+
+
+def _megatron_lm_default_layer_spec() -> Callable[..., Any]:
+    """Megatron-LM >= 0.19's ``default_layer_spec(config, vp_stage)``."""
+    return _import_megatron_lm("megatron.training.models.gpt").default_layer_spec
+
+
 def _import_megatron_lm(name: str) -> ModuleType:
     """Imports a Megatron-LM module, with an error that says how to provide it."""
     try:
@@ -294,7 +204,7 @@ def _rewriting_gpt_model(gpt_builders: ModuleType) -> Iterator[None]:
     gpt_model = gpt_builders.GPTModel
 
     def build(*args: Any, **kwargs: Any) -> Any:
-        kwargs["transformer_layer_spec"] = densemixer_layer_spec(kwargs["transformer_layer_spec"])
+        kwargs["transformer_layer_spec"] = densemixer_spec(kwargs["transformer_layer_spec"])
         return gpt_model(*args, **kwargs)
 
     gpt_builders.GPTModel = build
@@ -326,9 +236,11 @@ def densemixer_gpt_builder(
     if "pg_collection" in inspect.signature(gpt_builders.gpt_builder).parameters:
         kwargs["pg_collection"] = pg_collection
     with _rewriting_gpt_model(gpt_builders):
-        return gpt_builders.gpt_builder(
+        model = gpt_builders.gpt_builder(
             args, pre_process, post_process, vp_stage, config=config, **kwargs
         )
+    check_dense_router_grad_applied(model)
+    return model
 
 
 def densemixer_gpt_model_config(args: argparse.Namespace, model_config_cls: Any = None) -> Any:
@@ -341,7 +253,9 @@ def densemixer_gpt_model_config(args: argparse.Namespace, model_config_cls: Any 
     # None means "default_layer_spec at build time"; a --spec target may be a spec or a function.
     spec = model_config.transformer_layer_spec
     model_config.transformer_layer_spec = (
-        DenseMixerSpecFunction(None) if spec is None else densemixer_layer_spec(spec)
+        DenseMixerSpecFunction(_megatron_lm_default_layer_spec())
+        if spec is None
+        else densemixer_spec(spec)
     )
     return model_config
 
@@ -356,7 +270,16 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
     model_type, forward_step)``, model built from a GPTModelConfig).
     """
     add_megatron_lm_to_path(megatron_lm_path)
+    if {"-h", "--help"} & set(sys.argv[1:]) and importlib.util.find_spec("pretrain_gpt") is None:
+        # Megatron-LM's own --help needs the checkout; show what this launcher adds.
+        extra_args_provider(argparse.ArgumentParser(prog=sys.argv[0])).print_help()
+        print(
+            f"Megatron-LM not found: set {MEGATRON_LM_PATH_ENV}=/path/to/Megatron-LM for the "
+            "pretrain_gpt.py flags."
+        )
+        return
     pretrain_gpt = _import_megatron_lm("pretrain_gpt")
+    check_megatron_lm_checkout(os.path.dirname(os.path.abspath(pretrain_gpt.__file__)))
     from megatron.core.enums import ModelType
 
     training = _import_megatron_lm("megatron.training.training")
@@ -422,17 +345,14 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
 
 
 __all__ = [
-    "DENSEMIXER_ARGS",
-    "DenseMixerMLATransformerConfig",
-    "DenseMixerSpecFunction",
     "add_megatron_lm_to_path",
     "chain_extra_args_providers",
+    "check_megatron_lm_checkout",
     "config_from_args",
-    "densemixer_config",
     "densemixer_gpt_builder",
     "densemixer_gpt_model_config",
-    "densemixer_layer_spec",
     "densemixer_options_from_args",
     "extra_args_provider",
+    "option_flag",
     "run_pretrain_gpt",
 ]

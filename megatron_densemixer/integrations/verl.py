@@ -9,9 +9,9 @@ module is therefore the explicit call that patches, and it patches every verl mo
 installed:
 
 - Megatron-Bridge (verl's default): ``AutoBridge.to_megatron_provider`` returns the provider
-  through :func:`~megatron_densemixer.integrations.nemo_rl.densemixer_provider`, which gives it
-  the ``moe_dense_router_grad*`` attributes (so verl's attribute-checked overrides accept them)
-  and a layer spec that turns DenseMixer on when the flag is set;
+  through :func:`~megatron_densemixer.integrations.megatron_bridge.densemixer_provider`, which
+  gives it the ``moe_dense_router_grad*`` attributes (so verl's attribute-checked overrides
+  accept them) and a layer spec that turns DenseMixer on when the flag is set;
 - vanilla mbridge (``vanilla_mbridge=True``): ``Bridge.set_extra_args`` keeps the DenseMixer
   keys out of ``TransformerConfig(**kwargs)``, which rejects unknown keys, and sets them on the
   built config; ``LLMBridge._get_transformer_layer_spec`` rewrites mbridge's block spec;
@@ -29,19 +29,15 @@ import functools
 import importlib
 from typing import Any, Callable
 
-from megatron_densemixer.config import dense_router_grad_enabled, validate_dense_router_grad
-from megatron_densemixer.integrations.megatron_lm import DENSEMIXER_ARGS, densemixer_layer_spec
-from megatron_densemixer.integrations.nemo_rl import densemixer_provider
-from megatron_densemixer.moe_layer import DenseMixerMoELayer
-
-_PATCHED = "__densemixer__"
-
-
-def split_options(kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Splits config kwargs into (DenseMixer options, everything else)."""
-    options = {k: v for k, v in kwargs.items() if k in DENSEMIXER_ARGS}
-    rest = {k: v for k, v in kwargs.items() if k not in DENSEMIXER_ARGS}
-    return options, rest
+from megatron_densemixer.integrations import is_patched, mark_patched
+from megatron_densemixer.integrations.megatron_bridge import densemixer_provider
+from megatron_densemixer.moe_layer import check_dense_router_grad_applied
+from megatron_densemixer.options import (
+    dense_router_grad_enabled,
+    split_options,
+    validate_dense_router_grad,
+)
+from megatron_densemixer.spec import densemixer_spec
 
 
 def apply_options(config: Any, options: dict[str, Any]) -> Any:
@@ -54,7 +50,7 @@ def apply_options(config: Any, options: dict[str, Any]) -> Any:
 
 def spec_for(config: Any, spec: Any) -> Any:
     """``spec`` rewritten for DenseMixer when ``config`` has the flag on, else unchanged."""
-    return densemixer_layer_spec(spec) if dense_router_grad_enabled(config) else spec
+    return densemixer_spec(spec) if dense_router_grad_enabled(config) else spec
 
 
 def _import(module: str) -> Any:
@@ -77,25 +73,20 @@ def _target(module: Any, owner: Any, name: str) -> Callable[..., Any]:
     return function
 
 
-def _wrap(owner: Any, name: str, wrapper: Callable[..., Any]) -> None:
-    setattr(wrapper, _PATCHED, True)
-    setattr(owner, name, wrapper)
-
-
 def patch_megatron_bridge() -> bool:
     """Megatron-Bridge path: providers from ``AutoBridge.to_megatron_provider``."""
     module = _import("megatron.bridge.models.conversion.auto_bridge")
     if module is None:
         return False
     original = _target(module, module.AutoBridge, "to_megatron_provider")
-    if getattr(original, _PATCHED, False):
+    if is_patched(original):
         return True
 
     @functools.wraps(original)
     def to_megatron_provider(self: Any, *args: Any, **kwargs: Any) -> Any:
         return densemixer_provider(original(self, *args, **kwargs))
 
-    _wrap(module.AutoBridge, "to_megatron_provider", to_megatron_provider)
+    mark_patched(module.AutoBridge, "to_megatron_provider", to_megatron_provider)
     return True
 
 
@@ -109,7 +100,7 @@ def patch_mbridge() -> bool:
     set_extra_args = _target(bridge_module, bridge_cls, "set_extra_args")
     layer_spec = _target(llm_module, llm_cls, "_get_transformer_layer_spec")
     get_model = _target(bridge_module, bridge_cls, "get_model")
-    if getattr(set_extra_args, _PATCHED, False):
+    if is_patched(set_extra_args):
         return True
 
     @functools.wraps(set_extra_args)
@@ -128,12 +119,12 @@ def patch_mbridge() -> bool:
     @functools.wraps(get_model)
     def get_model_wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
         model = get_model(self, *args, **kwargs)
-        _check_built(self.config, model, f"mbridge {type(self).__name__}")
+        check_dense_router_grad_applied(model)
         return model
 
-    _wrap(bridge_cls, "set_extra_args", set_extra_args_wrapper)
-    _wrap(llm_cls, "_get_transformer_layer_spec", layer_spec_wrapper)
-    _wrap(bridge_cls, "get_model", get_model_wrapper)
+    mark_patched(bridge_cls, "set_extra_args", set_extra_args_wrapper)
+    mark_patched(llm_cls, "_get_transformer_layer_spec", layer_spec_wrapper)
+    mark_patched(bridge_cls, "get_model", get_model_wrapper)
     return True
 
 
@@ -145,7 +136,7 @@ def patch_verl_no_bridge() -> bool:
         return False
     construct = _target(converter, converter, "check_and_construct_configs")
     block_spec = _target(initializer, initializer, "get_gpt_decoder_block_spec")
-    if getattr(construct, _PATCHED, False):
+    if is_patched(construct):
         return True
 
     @functools.wraps(construct)
@@ -157,29 +148,9 @@ def patch_verl_no_bridge() -> bool:
     def block_spec_wrapper(config: Any, *args: Any, **kwargs: Any) -> Any:
         return spec_for(config, block_spec(config, *args, **kwargs))
 
-    _wrap(converter, "check_and_construct_configs", construct_wrapper)
-    _wrap(initializer, "get_gpt_decoder_block_spec", block_spec_wrapper)
+    mark_patched(converter, "check_and_construct_configs", construct_wrapper)
+    mark_patched(initializer, "get_gpt_decoder_block_spec", block_spec_wrapper)
     return True
-
-
-def _check_built(config: Any, model: Any, where: str) -> None:
-    """Raises if the flag is on but ``model`` got MoE layers without DenseMixer.
-
-    A bridge subclass may build its spec without the method patched here; failing beats
-    training with the flag silently ignored.
-    """
-    if not dense_router_grad_enabled(config):
-        return
-    from megatron.core.transformer.moe.moe_layer import MoELayer
-
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    moe_layers = [m for chunk in chunks for m in chunk.modules() if isinstance(m, MoELayer)]
-    if moe_layers and not any(isinstance(m, DenseMixerMoELayer) for m in moe_layers):
-        raise RuntimeError(
-            f"moe_dense_router_grad=True, but {where} built its MoE layers without "
-            "DenseMixerMoELayer (its layer spec bypasses the patched method). Build the spec "
-            "with megatron_densemixer.densemixer_spec for this model."
-        )
 
 
 def enable() -> list[str]:

@@ -1,4 +1,4 @@
-"""The Megatron-LM door: --moe-densemixer flags, args -> config, spec rewriting, model build.
+"""The Megatron-LM door: --moe-dense-router-grad* flags, args -> config, model build.
 
 The first tests need only megatron-core. The last ones drive a real Megatron-LM checkout
 (``MEGATRON_LM_PATH``), whose ``megatron.training`` is not in the megatron-core wheel.
@@ -13,43 +13,28 @@ import sys
 
 import pytest
 import torch.nn.functional as F
-from megatron.core.models.gpt.gpt_layer_specs import (
-    get_gpt_decoder_block_spec,
-    get_gpt_layer_local_spec,
-)
-from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import TransformerBlock
-from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer import DenseMixerMoELayer, DenseMixerTransformerConfig, compat
+from megatron_densemixer import DenseMixerMoELayer, DenseMixerTransformerConfig
 from megatron_densemixer.integrations import megatron_lm
-from tests.megatron_cpu import init_model_parallel
+from megatron_densemixer.options import OPTION_NAMES
+from tests.support.builders import MOE_FIELDS
 
-MOE_FIELDS = dict(
-    num_layers=2,
-    hidden_size=16,
-    num_attention_heads=4,
-    ffn_hidden_size=32,
-    num_moe_experts=4,
-    moe_router_topk=2,
-    moe_token_dispatcher_type="allgather",
-    use_cpu_initialization=True,
-)
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 # A module-level layer spec for Megatron-LM's ``--spec <module> <name>``.
 LOCAL_MOE_LAYER_SPEC = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_parallel():
-    # Block specs ask the pipeline layout how many layers this rank builds.
-    init_model_parallel(tp=1, ep=1)
-
-
-def moe_module(spec) -> type:
-    """The module class of the MLP in a TransformerLayer spec (either spec form)."""
-    parts = compat.moe_spec_parts(spec.submodules.mlp)
-    return parts[0] if parts else None
+# Each flag, and the ``--moe-densemixer*`` spelling it replaced (still accepted).
+FLAGS_AND_OLD_SPELLINGS = [
+    ("--moe-dense-router-grad", "--moe-densemixer"),
+    ("--moe-dense-router-grad-variant=gated", "--moe-densemixer-variant=gated"),
+    ("--moe-dense-router-grad-chunk-size=128", "--moe-densemixer-chunk-size=128"),
+    ("--moe-dense-router-grad-chunk-budget-mb=64", "--moe-densemixer-chunk-budget-mb=64"),
+    ("--moe-dense-router-grad-topm=3", "--moe-densemixer-topm=3"),
+    ("--moe-dense-router-grad-token-fraction=0.5", "--moe-densemixer-token-fraction=0.5"),
+]
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -61,23 +46,14 @@ def test_flags_default_to_the_config_defaults():
     args = parse([])
     options = megatron_lm.densemixer_options_from_args(args)
     fields = dataclasses.fields(DenseMixerTransformerConfig)
-    assert options == {f.name: f.default for f in fields if f.name in megatron_lm.DENSEMIXER_ARGS}
+    assert options == {f.name: f.default for f in fields if f.name in OPTION_NAMES}
     assert options["moe_dense_router_grad"] is False
 
 
 def test_flags_parse_into_config_field_names():
-    """Each --moe-densemixer* flag lands in the dest named after its config field."""
-    args = parse(
-        [
-            "--moe-densemixer",
-            "--moe-densemixer-variant=gated",
-            "--moe-densemixer-chunk-size=128",
-            "--moe-densemixer-chunk-budget-mb=64",
-            "--moe-densemixer-topm=3",
-            "--moe-densemixer-token-fraction=0.5",
-        ]
-    )
-    assert megatron_lm.densemixer_options_from_args(args) == {
+    """Each --moe-dense-router-grad* flag, and its old --moe-densemixer* alias, lands in the
+    dest named after its config field."""
+    expected = {
         "moe_dense_router_grad": True,
         "moe_dense_router_grad_variant": "gated",
         "moe_dense_router_grad_chunk_size": 128,
@@ -85,22 +61,26 @@ def test_flags_parse_into_config_field_names():
         "moe_dense_router_grad_topm": 3,
         "moe_dense_router_grad_token_fraction": 0.5,
     }
+    flags = [flag for flag, _ in FLAGS_AND_OLD_SPELLINGS]
+    assert megatron_lm.densemixer_options_from_args(parse(flags)) == expected
+    old_spellings = [old for _, old in FLAGS_AND_OLD_SPELLINGS]
+    assert megatron_lm.densemixer_options_from_args(parse(old_spellings)) == expected
     with pytest.raises(SystemExit):
-        parse(["--moe-densemixer-variant=dense"])
+        parse(["--moe-dense-router-grad-variant=dense"])
 
 
 def test_chained_providers_keep_both():
     """pretrain_gpt.py passes ModelOpt's provider; chaining must keep its flags too."""
     other = lambda parser: parser.add_argument("--other", type=int) and parser  # noqa: E731
     parser = megatron_lm.chain_extra_args_providers(other, None, megatron_lm.extra_args_provider)
-    args = parser(argparse.ArgumentParser()).parse_args(["--other", "3", "--moe-densemixer"])
+    args = parser(argparse.ArgumentParser()).parse_args(["--other", "3", "--moe-dense-router-grad"])
     assert args.other == 3 and args.moe_dense_router_grad is True
 
 
 def test_args_to_config():
     """A Megatron-built TransformerConfig becomes a DenseMixer one with the flags' values."""
     base = TransformerConfig(**MOE_FIELDS)
-    args = parse(["--moe-densemixer", "--moe-densemixer-topm=3"])
+    args = parse(["--moe-dense-router-grad", "--moe-dense-router-grad-topm=3"])
     config = megatron_lm.config_from_args(args, base)
     assert type(config) is DenseMixerTransformerConfig
     assert config.moe_dense_router_grad and config.moe_dense_router_grad_topm == 3
@@ -110,62 +90,9 @@ def test_args_to_config():
 
 def test_args_to_config_validates():
     """The DenseMixer validation runs on the converted config and names the flag."""
-    args = parse(["--moe-densemixer", "--moe-densemixer-topm=9"])
+    args = parse(["--moe-dense-router-grad", "--moe-dense-router-grad-topm=9"])
     with pytest.raises(ValueError, match="moe_dense_router_grad_topm=9 must satisfy"):
         megatron_lm.config_from_args(args, TransformerConfig(**MOE_FIELDS))
-    with pytest.raises(ValueError, match="unknown option"):
-        megatron_lm.densemixer_config(TransformerConfig(**MOE_FIELDS), moe_densemixer=True)
-
-
-def test_mla_config_keeps_its_class():
-    """--multi-latent-attention makes Megatron-LM build MLATransformerConfig; keep MLA."""
-    base = MLATransformerConfig(**MOE_FIELDS)
-    config = megatron_lm.densemixer_config(base, moe_dense_router_grad=True)
-    assert isinstance(config, MLATransformerConfig)
-    assert isinstance(config, DenseMixerTransformerConfig) and config.moe_dense_router_grad
-
-
-def test_unknown_config_class_raises():
-    """A config class without a DenseMixer counterpart is refused, not silently downcast."""
-
-    class OtherConfig(TransformerConfig):
-        pass
-
-    with pytest.raises(ValueError, match="no DenseMixer config class for OtherConfig"):
-        megatron_lm.densemixer_config(OtherConfig(**MOE_FIELDS), moe_dense_router_grad=True)
-
-
-def test_layer_spec_forms():
-    """Every spec form GPTModel accepts from Megatron-LM gets its MoE layers rewritten."""
-    config = TransformerConfig(**MOE_FIELDS)
-    block = get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    rewritten = megatron_lm.densemixer_layer_spec(block)
-    assert all(moe_module(layer) is DenseMixerMoELayer for layer in rewritten.layer_specs)
-
-    wrapped = ModuleSpec(module=TransformerBlock, submodules=block)
-    rewritten = megatron_lm.densemixer_layer_spec(wrapped).submodules
-    assert all(moe_module(layer) is DenseMixerMoELayer for layer in rewritten.layer_specs)
-
-    assert moe_module(megatron_lm.densemixer_layer_spec(LOCAL_MOE_LAYER_SPEC)) is (
-        DenseMixerMoELayer
-    )
-
-
-def test_spec_function_is_called_then_rewritten():
-    """Megatron-LM >= 0.19 accepts spec functions; the wrapper calls them per vp_stage."""
-    calls = []
-
-    def spec_function(config, vp_stage=None):
-        calls.append(vp_stage)
-        return get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-
-    wrapper = megatron_lm.densemixer_layer_spec(spec_function)
-    assert isinstance(wrapper, megatron_lm.DenseMixerSpecFunction)
-    spec = wrapper(TransformerConfig(**MOE_FIELDS), vp_stage=1)
-    assert calls == [1]
-    assert moe_module(spec.layer_specs[0]) is DenseMixerMoELayer
-    no_vp = megatron_lm.densemixer_layer_spec(lambda config: LOCAL_MOE_LAYER_SPEC)
-    assert moe_module(no_vp(None, vp_stage=0)) is DenseMixerMoELayer
 
 
 # --------------------------------------------------------------------------------------
@@ -233,7 +160,9 @@ def megatron_args(arguments, monkeypatch, *extra: str) -> argparse.Namespace:
 def test_megatron_lm_parser_takes_the_flags(megatron_training, monkeypatch):
     """Our flags coexist with Megatron-LM's full parser (no clash, no abbreviation)."""
     arguments, _ = megatron_training
-    args = megatron_args(arguments, monkeypatch, "--moe-densemixer", "--moe-densemixer-topm=3")
+    args = megatron_args(
+        arguments, monkeypatch, "--moe-dense-router-grad", "--moe-dense-router-grad-topm=3"
+    )
     assert args.moe_dense_router_grad is True and args.moe_dense_router_grad_topm == 3
     assert args.num_experts == 4
 
@@ -242,7 +171,7 @@ def test_megatron_lm_parser_takes_the_flags(megatron_training, monkeypatch):
 def test_megatron_lm_config_from_args(megatron_training, monkeypatch):
     """core_transformer_config_from_args' config, converted, carries the flags and the MoE."""
     arguments, _ = megatron_training
-    args = megatron_args(arguments, monkeypatch, "--moe-densemixer")
+    args = megatron_args(arguments, monkeypatch, "--moe-dense-router-grad")
     config = megatron_lm.config_from_args(args)
     assert type(config) is DenseMixerTransformerConfig and config.moe_dense_router_grad
     assert config.num_moe_experts == 4 and config.gated_linear_unit
@@ -254,7 +183,7 @@ def test_megatron_lm_config_from_args(megatron_training, monkeypatch):
 def test_megatron_lm_builds_densemixer_layers(megatron_training, monkeypatch, use_spec):
     """Megatron-LM's gpt_builder, driven by densemixer_gpt_builder, yields DenseMixer layers."""
     arguments, gpt_builders = megatron_training
-    extra = ["--moe-densemixer"]
+    extra = ["--moe-dense-router-grad"]
     if use_spec:
         extra += ["--spec", __name__, "LOCAL_MOE_LAYER_SPEC"]
     args = megatron_args(arguments, monkeypatch, *extra)

@@ -1,8 +1,8 @@
 """verl's external_lib: moe_dense_router_grad through override_transformer_config.
 
 Drives the real verl and mbridge packages (verl's vanilla-mbridge and no-bridge paths); skipped
-where they are not installed. The Megatron-Bridge path is covered by test_nemo_rl.py's provider
-tests, since it goes through the same densemixer_provider.
+where they are not installed. The Megatron-Bridge path is covered by test_megatron_bridge.py's
+provider tests, since it goes through the same densemixer_provider.
 """
 
 from __future__ import annotations
@@ -18,14 +18,12 @@ transformers = pytest.importorskip("transformers", reason="transformers is not i
 
 from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
 
-from megatron_densemixer import DenseMixerMoELayer, compat  # noqa: E402
+from megatron_densemixer import DenseMixerMoELayer  # noqa: E402
 from megatron_densemixer.integrations import verl as dm_verl  # noqa: E402
-from tests.megatron_cpu import init_model_parallel  # noqa: E402
+from tests.support.builders import mlp_modules  # noqa: E402
+from tests.support.megatron_cpu import build_moe_layer  # noqa: E402
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_parallel():
-    init_model_parallel(tp=1, ep=1)
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def tiny_qwen3_moe():
@@ -52,10 +50,6 @@ def local_block_spec(config, use_transformer_engine=True, **kwargs):
     )
 
 
-def moe_modules(block) -> list:
-    return [compat.moe_spec_parts(layer.submodules.mlp)[0] for layer in block.layer_specs]
-
-
 def test_no_bridge_config_and_spec():
     """verl's hf_to_mcore_config accepts the flag (TransformerConfig(**kw) alone would not)."""
     from verl.models.mcore import config_converter, model_initializer
@@ -67,7 +61,7 @@ def test_no_bridge_config_and_spec():
     assert config.moe_dense_router_grad is True
     # The name verl's model initializers call, patched; local spec since CPU has no TE.
     block = model_initializer.get_gpt_decoder_block_spec(config, use_transformer_engine=False)
-    assert moe_modules(block) == [DenseMixerMoELayer] * 2
+    assert mlp_modules(block) == [DenseMixerMoELayer] * 2
 
 
 def test_no_bridge_flag_off_keeps_conventional():
@@ -77,7 +71,7 @@ def test_no_bridge_flag_off_keeps_conventional():
 
     config = config_converter.hf_to_mcore_config_qwen3moe(tiny_qwen3_moe(), torch.float32)
     assert not hasattr(config, "moe_dense_router_grad")
-    assert moe_modules(dm_verl.spec_for(config, local_block_spec(config))) == [MoELayer] * 2
+    assert mlp_modules(dm_verl.spec_for(config, local_block_spec(config))) == [MoELayer] * 2
 
 
 def test_no_bridge_invalid_options_raise():
@@ -103,7 +97,7 @@ def test_vanilla_mbridge_config_and_spec(monkeypatch):
     bridge = mbridge.AutoBridge.from_config(tiny_qwen3_moe(), dtype=torch.float32)
     bridge.set_extra_args(moe_dense_router_grad=True, use_cpu_initialization=True)
     assert bridge.config.moe_dense_router_grad is True
-    assert moe_modules(bridge._get_transformer_layer_spec()) == [DenseMixerMoELayer] * 2
+    assert mlp_modules(bridge._get_transformer_layer_spec()) == [DenseMixerMoELayer] * 2
     # A later set_extra_args rebuilds the config; the option must survive it.
     bridge.set_extra_args(moe_router_load_balancing_type="none")
     assert bridge.config.moe_dense_router_grad is True
@@ -111,8 +105,6 @@ def test_vanilla_mbridge_config_and_spec(monkeypatch):
 
 def test_check_built_refuses_silent_no_op():
     """A bridge whose spec bypasses the patch must fail, not train conventionally."""
-    from tests.megatron_cpu import build_moe_layer
-
     config = dm_verl.apply_options(_moe_config(), {"moe_dense_router_grad": True})
     conventional = build_moe_layer(config)
     with pytest.raises(RuntimeError, match="without DenseMixerMoELayer"):

@@ -17,14 +17,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer import DenseMixerMoELayer, compat
-from megatron_densemixer.integrations import nemo_rl
-from tests.megatron_cpu import init_model_parallel
+from megatron_densemixer import DenseMixerMoELayer
+from megatron_densemixer.integrations import megatron_bridge
+from tests.support.builders import MOE_FIELDS, mlp_modules
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _model_parallel():
-    init_model_parallel(tp=1, ep=1)
+pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def local_block_spec(config: Any, vp_stage: int | None = None) -> Any:
@@ -39,16 +36,7 @@ class ToyProvider(TransformerConfig):
 
 
 def toy_provider() -> ToyProvider:
-    return ToyProvider(
-        num_layers=2,
-        hidden_size=16,
-        num_attention_heads=4,
-        ffn_hidden_size=32,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_token_dispatcher_type="allgather",
-        use_cpu_initialization=True,
-    )
+    return ToyProvider(**MOE_FIELDS)
 
 
 def provide_spec(provider: Any, vp_stage: int | None = None) -> Any:
@@ -59,42 +47,38 @@ def provide_spec(provider: Any, vp_stage: int | None = None) -> Any:
     return spec(provider)
 
 
-def moe_modules(block: Any) -> list:
-    return [compat.moe_spec_parts(layer.submodules.mlp)[0] for layer in block.layer_specs]
-
-
 def test_provider_builds_densemixer_layers():
     """The wrapped spec callable rewrites the provider's own spec when the flag is on."""
-    provider = nemo_rl.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
+    provider = megatron_bridge.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
     spec = provider.transformer_layer_spec
     assert isinstance(spec, functools.partial)
-    assert spec.func is nemo_rl.densemixer_provider_layer_spec
+    assert spec.func is megatron_bridge.densemixer_provider_layer_spec
     assert spec.keywords["base_spec"] is local_block_spec
-    assert moe_modules(provide_spec(provider, vp_stage=None)) == [DenseMixerMoELayer] * 2
+    assert mlp_modules(provide_spec(provider, vp_stage=None)) == [DenseMixerMoELayer] * 2
 
 
 def test_flag_off_stays_conventional_and_verl_override_turns_it_on():
     """verl sets overrides with hasattr checks after the provider is made: both must work."""
-    provider = nemo_rl.densemixer_provider(toy_provider())
+    provider = megatron_bridge.densemixer_provider(toy_provider())
     assert provider.moe_dense_router_grad is False
-    assert moe_modules(provide_spec(provider)) == [MoELayer] * 2
+    assert mlp_modules(provide_spec(provider)) == [MoELayer] * 2
     provider.moe_dense_router_grad = True  # Megatron-Bridge's apply_overrides_and_finalize
-    assert moe_modules(provide_spec(provider)) == [DenseMixerMoELayer] * 2
+    assert mlp_modules(provide_spec(provider)) == [DenseMixerMoELayer] * 2
 
 
 def test_options_survive_dataclasses_replace():
     """NeMo-RL rebuilds providers with dataclasses.replace, which drops non-field attributes."""
-    provider = nemo_rl.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
+    provider = megatron_bridge.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
     rebuilt = dataclasses.replace(provider, hidden_size=16)
     assert not hasattr(rebuilt, "moe_dense_router_grad")
-    assert moe_modules(provide_spec(rebuilt)) == [DenseMixerMoELayer] * 2
+    assert mlp_modules(provide_spec(rebuilt)) == [DenseMixerMoELayer] * 2
     assert rebuilt.moe_dense_router_grad is True
 
 
 def test_wrapping_twice_does_not_nest():
     """Calling densemixer_provider again updates the options instead of nesting partials."""
-    provider = nemo_rl.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
-    provider = nemo_rl.densemixer_provider(provider, moe_dense_router_grad_topm=3)
+    provider = megatron_bridge.densemixer_provider(toy_provider(), moe_dense_router_grad=True)
+    provider = megatron_bridge.densemixer_provider(provider, moe_dense_router_grad_topm=3)
     assert provider.transformer_layer_spec.keywords["base_spec"] is local_block_spec
     assert provider.transformer_layer_spec.keywords["moe_dense_router_grad_topm"] == 3
 
@@ -102,14 +86,14 @@ def test_wrapping_twice_does_not_nest():
 def test_invalid_options_raise():
     """Unknown names fail at once; invalid values fail when the spec is built."""
     with pytest.raises(ValueError, match="unknown DenseMixer option"):
-        nemo_rl.densemixer_provider(toy_provider(), moe_densemixer=True)
-    provider = nemo_rl.densemixer_provider(
+        megatron_bridge.densemixer_provider(toy_provider(), moe_densemixer=True)
+    provider = megatron_bridge.densemixer_provider(
         toy_provider(), moe_dense_router_grad=True, moe_dense_router_grad_topm=9
     )
     with pytest.raises(ValueError, match="moe_dense_router_grad_topm=9 must satisfy"):
         provide_spec(provider)
     with pytest.raises(TypeError, match="has no transformer_layer_spec"):
-        nemo_rl.densemixer_provider(object())
+        megatron_bridge.densemixer_provider(object())
 
 
 def test_spec_target_is_a_public_module_level_function():
@@ -117,12 +101,12 @@ def test_spec_target_is_a_public_module_level_function():
     '_private' segments; the path must import back to the same function."""
     import importlib
 
-    function = nemo_rl.densemixer_provider_layer_spec
+    function = megatron_bridge.densemixer_provider_layer_spec
     path = f"{function.__module__}.{function.__qualname__}"
     assert not any(part.startswith("_") for part in path.split("."))
     module, name = path.rsplit(".", 1)
     assert getattr(importlib.import_module(module), name) is function
-    assert path.startswith(nemo_rl.TARGET_PREFIX)
+    assert path.startswith(megatron_bridge.TARGET_PREFIX)
 
 
 def test_megatron_bridge_allowlist_accepts_the_target():
@@ -131,7 +115,7 @@ def test_megatron_bridge_allowlist_accepts_the_target():
         "megatron.bridge.utils.instantiate_utils",
         reason="Megatron-Bridge is not installed (needs Python >= 3.12 for current releases)",
     )
-    function = nemo_rl.densemixer_provider_layer_spec
+    function = megatron_bridge.densemixer_provider_layer_spec
     target = f"{function.__module__}.{function.__qualname__}"
-    assert nemo_rl.allow_densemixer_targets() is True
+    assert megatron_bridge.allow_densemixer_targets() is True
     instantiate_utils._validate_target_prefix(target=target, full_key="transformer_layer_spec")

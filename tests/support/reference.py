@@ -126,7 +126,7 @@ def reference(
     """Forward value and gradients of loss = sum(y * g) (+ aux/z losses) in float64.
 
     ``forced_selection`` (bool [T, E]) is the set K of every token, as routing replay
-    imposes it; None selects K from the scores.
+    imposes it (an empty row routes that token nowhere); None selects K from the scores.
     """
     x = x.to(f64)
     g = g.to(f64)
@@ -151,6 +151,9 @@ def reference(
         else:
             K = forced_selection[t].nonzero()[:, 0].tolist()
         selected[t, K] = True
+        if not K:
+            # Routed nowhere (padding exclusion, dropping): no output, no router gradient.
+            continue
         S = sum(s[t, e] for e in K) + eps
         for e in K:
             weights[t, e] = c * s[t, e] / S if r.renormalised else c * s[t, e]

@@ -1,0 +1,272 @@
+"""The ``moe_dense_router_grad*`` options: fields, defaults, reading and validation.
+
+This is the options' only home. ``DenseMixerOptions`` declares them (name, type, default,
+help); config classes mix it in, and every other module reads them from any config with
+``dense_router_grad_options(config)``, the one place where a default is applied to a config
+that lacks a field (a plain TransformerConfig, a Megatron-Bridge provider, verl's config).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import Any, Literal, Mapping, Optional
+
+from megatron_densemixer import compat
+
+DENSE_ROUTER_GRAD_VARIANTS = ("partscale", "gated")
+SUPPORTED_DISPATCHERS = ("allgather", "alltoall")
+
+
+@dataclass
+class DenseMixerOptions:
+    """DenseMixer's options, as a dataclass mixin for TransformerConfig subclasses.
+
+    Each field's ``metadata["help"]`` is its documentation; Megatron-LM's argparse flags
+    (``--moe-dense-router-grad*``) are built from these fields.
+    """
+
+    moe_dense_router_grad: bool = field(
+        default=False,
+        metadata={
+            "help": "Give the MoE router a straight-through gradient from every expert's "
+            "output (DenseMixer). The forward value, the experts' gradients and inference "
+            "stay exactly conventional."
+        },
+    )
+    moe_dense_router_grad_variant: Literal["partscale", "gated"] = field(
+        default="partscale",
+        metadata={
+            "help": "Dense weights of the non-selected experts: 'partscale' (the DenseMixer "
+            "reference, w_e = s_e / stopgrad(S)) or 'gated' (also subtracts the selected "
+            "experts' baseline; needs renormalised top-k weights)."
+        },
+    )
+    moe_dense_router_grad_chunk_size: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Tokens per chunk of the backward's dense reduction; None derives it "
+            "from moe_dense_router_grad_chunk_budget_mb."
+        },
+    )
+    moe_dense_router_grad_chunk_budget_mb: float = field(
+        default=256.0,
+        metadata={
+            "help": "Memory budget (MiB) for the activations of one chunk of the dense "
+            "reduction; used when moe_dense_router_grad_chunk_size is None."
+        },
+    )
+    moe_dense_router_grad_topm: Optional[int] = field(
+        default=None,
+        metadata={
+            "help": "Approximation, off when None: the dense gradient only for the top-M "
+            "experts by router score (moe_router_topk < M <= num_moe_experts)."
+        },
+    )
+    moe_dense_router_grad_token_fraction: float = field(
+        default=1.0,
+        metadata={
+            "help": "Approximation, off at 1.0: the dense gradient on this random fraction f "
+            "of the tokens, scaled by 1/f (an unbiased estimate)."
+        },
+    )
+
+
+OPTION_NAMES: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(DenseMixerOptions))
+
+
+def dense_router_grad_options(config: Any) -> DenseMixerOptions:
+    """The DenseMixer options of any config object, with defaults for absent fields.
+
+    Args:
+        config: A DenseMixerTransformerConfig, or any config (TransformerConfig, a
+            Megatron-Bridge provider) that may carry some ``moe_dense_router_grad*`` attributes.
+
+    Returns:
+        A DenseMixerOptions holding the values (not validated; see
+        ``validate_dense_router_grad``).
+    """
+    return DenseMixerOptions(
+        **{
+            f.name: getattr(config, f.name, f.default)
+            for f in dataclasses.fields(DenseMixerOptions)
+        }
+    )
+
+
+def dense_router_grad_enabled(config: Any) -> bool:
+    """Whether ``config`` asks for DenseMixer router gradients."""
+    return dense_router_grad_options(config).moe_dense_router_grad is True
+
+
+def approximates(options: DenseMixerOptions) -> bool:
+    """Whether an opt-in approximation (top-M or a token fraction below 1) is on."""
+    return (
+        options.moe_dense_router_grad_topm is not None
+        or options.moe_dense_router_grad_token_fraction < 1.0
+    )
+
+
+def split_options(kwargs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Splits config keyword arguments into (DenseMixer options, everything else)."""
+    options = {k: v for k, v in kwargs.items() if k in OPTION_NAMES}
+    rest = {k: v for k, v in kwargs.items() if k not in OPTION_NAMES}
+    return options, rest
+
+
+def check_option_names(names: Any, where: str) -> None:
+    """Raises ValueError naming every entry of ``names`` that is not a DenseMixer option."""
+    unknown = sorted(set(names) - set(OPTION_NAMES))
+    if unknown:
+        raise ValueError(
+            f"{where}: unknown DenseMixer option(s) {unknown}; expected some of "
+            f"{list(OPTION_NAMES)}."
+        )
+
+
+def renormalises_topk(config: Any) -> bool:
+    """Whether the top-k weights are divided by S, the sum of the selected scores.
+
+    Megatron renormalises softmax scores when top-k comes before the softmax
+    (``moe_router_pre_softmax=False``) and sigmoid-style scores whenever k > 1.
+    """
+    if config.moe_router_score_function == "softmax":
+        return not config.moe_router_pre_softmax
+    return config.moe_router_topk > 1
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_types(options: DenseMixerOptions) -> None:
+    """Type and range of each option on its own, whether or not the flag is on."""
+    flag = options.moe_dense_router_grad
+    if not isinstance(flag, bool):
+        # A YAML or CLI string such as "false" is truthy: refuse it rather than guess.
+        raise ValueError(
+            f"moe_dense_router_grad must be a bool (True or False), got {flag!r} "
+            f"({type(flag).__name__}); convert strings from YAML or the command line first."
+        )
+    variant = options.moe_dense_router_grad_variant
+    if variant not in DENSE_ROUTER_GRAD_VARIANTS:
+        raise ValueError(
+            f"moe_dense_router_grad_variant must be one of {DENSE_ROUTER_GRAD_VARIANTS}, "
+            f"got {variant!r}."
+        )
+    chunk_size = options.moe_dense_router_grad_chunk_size
+    if chunk_size is not None and not (_is_int(chunk_size) and chunk_size > 0):
+        raise ValueError(
+            f"moe_dense_router_grad_chunk_size must be a positive integer or None, got "
+            f"{chunk_size!r}; set None to size chunks by moe_dense_router_grad_chunk_budget_mb."
+        )
+    budget = options.moe_dense_router_grad_chunk_budget_mb
+    if not (_is_real(budget) and budget > 0):
+        raise ValueError(
+            f"moe_dense_router_grad_chunk_budget_mb must be a positive number of MiB, got "
+            f"{budget!r}; the default is 256."
+        )
+    topm = options.moe_dense_router_grad_topm
+    if topm is not None and not _is_int(topm):
+        raise ValueError(
+            f"moe_dense_router_grad_topm must be an integer or None, got {topm!r}; set None "
+            "for the exact gradient."
+        )
+    fraction = options.moe_dense_router_grad_token_fraction
+    if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
+        raise ValueError(
+            f"moe_dense_router_grad_token_fraction must be in (0, 1], got {fraction!r}; "
+            "1.0 gives the exact gradient."
+        )
+
+
+def validate_dense_router_grad(config: Any) -> None:
+    """Raises ValueError for a bad option value or an unsupported combination.
+
+    Option types and ranges are checked whether or not ``moe_dense_router_grad`` is on, so a
+    bad value fails when it is written, not when the flag is flipped; the combinations with
+    the rest of the config are checked when the flag is on. Works on any TransformerConfig
+    carrying the ``moe_dense_router_grad*`` attributes, so frameworks that build their own
+    config class can call it too.
+
+    Raises:
+        ValueError: naming the option, the value and the fix.
+    """
+    options = dense_router_grad_options(config)
+    _check_types(options)
+    num_experts = config.num_moe_experts
+    # torch.topk would fail later with "selected index k out of range".
+    if num_experts and config.moe_router_topk > num_experts:
+        raise ValueError(
+            f"moe_router_topk ({config.moe_router_topk}) must not exceed num_moe_experts "
+            f"({num_experts})."
+        )
+    if not options.moe_dense_router_grad:
+        return
+
+    def fail(message: str) -> None:
+        raise ValueError(f"moe_dense_router_grad=True: {message}")
+
+    if not num_experts:
+        fail("requires an MoE model; set num_moe_experts.")
+    topm = options.moe_dense_router_grad_topm
+    if topm is not None and not config.moe_router_topk < topm <= num_experts:
+        fail(
+            f"moe_dense_router_grad_topm={topm} must satisfy moe_router_topk "
+            f"({config.moe_router_topk}) < M <= num_moe_experts ({num_experts}); "
+            "set it to None for the exact gradient."
+        )
+    # Sinkhorn's probs are not a function of per-expert scores that top-k merely masks.
+    if config.moe_router_load_balancing_type == "sinkhorn":
+        fail(
+            "moe_router_load_balancing_type='sinkhorn' is not supported; use 'aux_loss', "
+            "'seq_aux_loss', 'global_aux_loss' or 'none'."
+        )
+    score_functions = compat.supported_score_functions()
+    if config.moe_router_score_function not in score_functions:
+        fail(
+            f"moe_router_score_function={config.moe_router_score_function!r} is not supported; "
+            f"use one of {score_functions}."
+        )
+    if options.moe_dense_router_grad_variant == "gated" and not renormalises_topk(config):
+        # Without renormalisation there is no shared denominator S to carry a baseline.
+        fail(
+            "moe_dense_router_grad_variant='gated' requires renormalised top-k weights "
+            "(softmax with moe_router_pre_softmax=False, or sigmoid/sqrtsoftplus with "
+            f"moe_router_topk > 1); got score function {config.moe_router_score_function!r}, "
+            f"moe_router_pre_softmax={config.moe_router_pre_softmax}, "
+            f"moe_router_topk={config.moe_router_topk}. Use 'partscale' instead."
+        )
+    # Dropped tokens leave K but keep their share of S: the dense weights are then undefined.
+    if config.moe_expert_capacity_factor is not None:
+        fail(
+            f"moe_expert_capacity_factor={config.moe_expert_capacity_factor} (token dropping) "
+            "is not supported; set moe_expert_capacity_factor=None."
+        )
+    # With probs applied on the input, E_e(w x) is not linear in w and G_e is not dL/dw_e.
+    if config.moe_apply_probs_on_input:
+        fail("moe_apply_probs_on_input=True is not supported; set it to False.")
+    if getattr(config, "moe_latent_size", None):
+        fail("moe_latent_size (latent MoE projections) is not supported; set it to None.")
+    if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHERS:
+        fail(
+            f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} is not supported; "
+            f"use one of {SUPPORTED_DISPATCHERS}."
+        )
+    if config.fp8 or getattr(config, "fp4", None):
+        fail(
+            "fp8/fp4 expert weights are not supported by the dense reduction yet; "
+            "train in bf16 or fp32 (unset fp8/fp4)."
+        )
+    # CUDA graphs and the fine-grained A2A overlap drive MoELayer's step methods on their own
+    # schedule; the dense path has not been validated there.
+    if getattr(config, "cuda_graph_impl", "none") != "none":
+        fail(f"cuda_graph_impl={config.cuda_graph_impl!r} is not supported; set it to 'none'.")
+    if getattr(config, "overlap_moe_expert_parallel_comm", False):
+        fail("overlap_moe_expert_parallel_comm=True is not supported yet; set it to False.")
