@@ -23,13 +23,13 @@ test: $(VENV)/.installed
 	$(PY) -m pytest tests -q
 
 demo: $(VENV)/.demo-deps
-	$(PY) examples/demo.py
+	$(PY) -m examples.demo
 
 experiment: $(VENV)/.demo-deps
-	$(PY) examples/experiment.py --arms conventional,densemixer,frozen
+	$(PY) -m examples.experiment --arms conventional,densemixer,frozen
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/bench_moe_layer.py --json results/bench.json
+	$(PY) -m benchmarks --json results/bench.json
 
 # megatron-core 0.19.x on Python 3.12 (torch comes as the large CUDA build; runs on CPU).
 test-latest:

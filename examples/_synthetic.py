@@ -1,4 +1,4 @@
-"""The synthetic routing task and the CPU training loop shared by demo.py and experiment.py.
+"""The synthetic routing task and the CPU training loop shared by the demo and the experiment.
 
 Task: a vocabulary of L sub-languages of R tokens each; token t belongs to sub-language t // R.
 A sequence is made of segments, each in one sub-language; inside sub-language l the next token
@@ -22,23 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
 import torch
-import torch.nn.functional as F
 
-# The examples import the package and the CPU shim from the repository checkout.
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
-
-from megatron_densemixer import DenseMixerTransformerConfig, densemixer_spec  # noqa: E402
-from megatron_densemixer.diagnostics import RouterDiagnostics, normalized_entropy  # noqa: E402
-from tests.megatron_cpu import init_model_parallel  # noqa: E402
+from megatron_densemixer import densemixer_spec
+from megatron_densemixer.diagnostics import RouterDiagnostics, normalized_entropy
+from tests.support.builders import make_config
+from tests.support.megatron_cpu import init_model_parallel
 
 ARMS = ("frozen", "conventional", "densemixer")
 """frozen: router weights never train; conventional: moe_dense_router_grad=False;
@@ -136,22 +129,17 @@ def build_model(run: RunConfig):
     from megatron.core.models.gpt.gpt_model import GPTModel
 
     init_model_parallel(tp=1, ep=1, seed=run.seed)
-    config = DenseMixerTransformerConfig(
+    # The shared CPU defaults (fp32 router, SwiGLU experts without biases, allgather), with
+    # this run's sizes, the aux loss on and no dropout.
+    config = make_config(
         num_layers=run.layers,
         hidden_size=run.hidden,
         ffn_hidden_size=run.expert_ffn,
         moe_ffn_hidden_size=run.expert_ffn,
-        num_attention_heads=4,
         num_moe_experts=run.experts,
         moe_router_topk=run.topk,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
         moe_router_load_balancing_type="aux_loss",
         moe_aux_loss_coeff=run.aux_loss_coeff,
-        moe_router_dtype="fp32",
-        use_cpu_initialization=True,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         moe_dense_router_grad=run.arm == "densemixer",

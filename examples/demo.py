@@ -1,11 +1,11 @@
 """Trains a small Megatron Core MoE GPT on CPU: frozen, conventional and DenseMixer routers.
 
-The task (see _synthetic.py) is a token-level mixture of sub-languages, each with its own
-next-token table, so the ideal routing (by sub-language) is known. Every arm uses the same
-seeds, data and initial weights. Prints a table and writes results/demo.json and
-results/demo.png.
+The task (see examples/_synthetic.py) is a token-level mixture of sub-languages, each with
+its own next-token table, so the ideal routing (by sub-language) is known. Every arm uses the
+same seeds, data and initial weights. Prints a table and writes results/demo.json and
+results/demo.png. Run from the repository root:
 
-    .venv/bin/python examples/demo.py [--steps 500] [--seeds 0] [--arms frozen,conventional,...]
+    .venv/bin/python -m examples.demo [--steps 500] [--seeds 0] [--arms frozen,conventional,...]
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ from typing import Any, Dict, List
 # Megatron warns at import that Apex / Transformer Engine are absent; expected on CPU.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 
-import _synthetic as syn  # noqa: E402
 import torch  # noqa: E402
+
+from examples import _synthetic as syn  # noqa: E402
 
 COLUMNS = [
     ("train_loss", "train loss"),
@@ -37,7 +38,14 @@ COLUMNS = [
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """The command line shared with experiment.py."""
+    """The command line shared with the experiment.
+
+    Args:
+        description: The parser's description.
+
+    Returns:
+        The parser, with the demo's defaults.
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=500, help="training steps per arm")
     parser.add_argument("--seeds", type=str, default="0", help="comma-separated seeds")

@@ -1,11 +1,11 @@
 """A/B over seeds: conventional vs DenseMixer router gradients (optionally a frozen router).
 
-Same task, model and steps as demo.py, repeated over several seeds; every arm of a seed shares
+Same task, model and steps as the demo, repeated over several seeds; every arm of a seed shares
 the data and the initial weights, so the per-seed difference (DenseMixer - conventional) is a
 paired comparison. Prints mean +- sample standard deviation over seeds and writes
-results/experiment.json.
+results/experiment.json. Run from the repository root:
 
-    .venv/bin/python examples/experiment.py [--seeds 0,1,2] [--arms conventional,densemixer]
+    .venv/bin/python -m examples.experiment [--seeds 0,1,2] [--arms conventional,densemixer]
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ import time
 import warnings
 from typing import Any, Dict, List, Optional
 
-import demo
 import torch
+
+from examples import demo
 
 METRICS = ["train_loss", "heldout_loss", "agreement", "load_entropy", "routing_flips"]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core.transformer.moe.router import TopKRouter
 
 from megatron_densemixer import reduction as dm_reduction
 from tests.support import reference as ref
@@ -216,3 +217,90 @@ def test_no_dense_work_without_grad(count_dense_work):
     dense.router.weight.requires_grad_(True)
     run_layer(dense, x, torch.randn_like(x))
     assert count_dense_work == [SEQ * BATCH], "one dense reduction per backward"
+
+
+EMPTY_ROW_CASES = {
+    "softmax_renormalised": {},
+    "sigmoid_renormalised": dict(moe_router_score_function="sigmoid"),
+    "softmax_pre_softmax": dict(moe_router_pre_softmax=True),
+    "gated_variant": dict(moe_dense_router_grad_variant="gated"),
+}
+
+
+@pytest.mark.parametrize("case", list(EMPTY_ROW_CASES))
+def test_token_routed_nowhere(case, monkeypatch):
+    """A token with an empty routing-map row (padding exclusion, dropping) contributes
+    nothing to the dense term: every gradient is finite and equals the float64 reference.
+
+    Guards the S = 0 division that gave NaN router gradients with softmax scores (and ~1e20
+    with sigmoid scores through Megatron's 1e-20 epsilon). The routing map is cleared the
+    way newer routers' padding exclusion clears it: map row False, probs row 0. 4 experts,
+    top-2, 10 tokens, tokens 3 and 7 routed nowhere. Tolerance 1e-5 as in the fp32 test.
+    """
+    config = make_config(num_moe_experts=4, **EMPTY_ROW_CASES[case])
+    unrouted = torch.tensor([3, 7])
+    routing = TopKRouter.routing
+
+    def routing_with_empty_rows(self, logits, *args, **kwargs):
+        probs, routing_map = routing(self, logits, *args, **kwargs)
+        keep = torch.ones(routing_map.shape[0], 1, dtype=torch.bool)
+        keep[unrouted] = False
+        return probs * keep, routing_map & keep
+
+    monkeypatch.setattr(TopKRouter, "routing", routing_with_empty_rows)
+    dense, conventional = build_pair(config)
+    torch.manual_seed(5)
+    x = torch.randn(5, 2, config.hidden_size)
+    g = torch.randn(5, 2, config.hidden_size)
+    seen, handle = capture_routing_map(dense)
+    y, dx, grads = run_layer(dense, x, g)
+    handle.remove()
+    y_conv, dx_conv, grads_conv = run_layer(conventional, x, g)
+    routing_map = seen["routing_map"]
+    assert not routing_map[unrouted].any() and routing_map.sum(-1).gt(0).sum() == 8
+
+    assert torch.equal(y, y_conv)
+    for grad in (dx, *grads.values()):
+        assert torch.isfinite(grad).all()
+    model, ref_routing = reference_model(dense, config), reference_routing(dense, config)
+    x2d, g2d = x.reshape(-1, config.hidden_size), g.reshape(-1, config.hidden_size)
+    expected = ref.reference(model, x2d, g2d, ref_routing, dense=True, forced_selection=routing_map)
+    expected_conv = ref.reference(
+        model, x2d, g2d, ref_routing, dense=False, forced_selection=routing_map
+    )
+    assert rel_err(expected.d_router_w, expected_conv.d_router_w) > 1e-2
+    assert rel_err(grads["router.weight"], expected.d_router_w) < 1e-5
+    assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
+    # The unrouted tokens' input gradient is zero in both layers: no expert, no router term.
+    assert torch.equal(dx.reshape(x2d.shape)[unrouted], torch.zeros(2, config.hidden_size))
+
+
+def test_trainable_router_bias_alone_gets_the_dense_gradient(count_dense_work):
+    """Router weight frozen, router bias trainable: the bias gets DenseMixer's gradient.
+
+    Guards the old rule that only ``router.weight.requires_grad`` turned the dense gradient
+    on (the bias then got the conventional gradient, 0.54 relative error). The bias is added
+    by hand because megatron-core 0.16.1's MoELayer cannot build with add_bias_linear=True and
+    SequentialMLP experts; TopKRouter.gating uses ``self.bias`` whenever it is set.
+    """
+    config = make_config()
+    dense, conventional = build_pair(config)
+    bias = torch.randn(config.num_moe_experts) * 0.1
+    for layer in (dense, conventional):
+        layer.router.bias = torch.nn.Parameter(bias.clone())
+        layer.router.weight.requires_grad_(False)
+    torch.manual_seed(6)
+    x = torch.randn(SEQ, BATCH, config.hidden_size)
+    g = torch.randn(SEQ, BATCH, config.hidden_size)
+    y, dx, grads = run_layer(dense, x, g)
+    y_conv, _, grads_conv = run_layer(conventional, x, g)
+    assert torch.equal(y, y_conv) and count_dense_work == [SEQ * BATCH]
+
+    model, routing = reference_model(dense, config), reference_routing(dense, config)
+    x2d, g2d = x.reshape(-1, config.hidden_size), g.reshape(-1, config.hidden_size)
+    expected = ref.reference(model, x2d, g2d, routing, dense=True)
+    expected_conv = ref.reference(model, x2d, g2d, routing, dense=False)
+    assert rel_err(expected.d_router_b, expected_conv.d_router_b) > 1e-2
+    assert rel_err(grads["router.bias"], expected.d_router_b) < 1e-5
+    assert rel_err(grads_conv["router.bias"], expected_conv.d_router_b) < 1e-5
+    assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
