@@ -23,6 +23,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_densemixer import (
     DenseMixerMoELayer,
     DenseMixerTopKRouter,
+    check_dense_router_grad_applied,
     compat,
     densemixer_spec,
 )
@@ -156,6 +157,47 @@ def test_tp_group_kwarg_from_transformer_layer():
     )
     layer = DenseMixerMoELayer(make_config(), submodules=submodules, tp_group=None)
     assert layer.dense_reduction is not None
+
+
+def test_transformer_layer_process_groups_reach_the_layer(caplog):
+    """A TransformerLayer built with a non-default pg_collection hands it to the DenseMixer
+    layer, and logs no "Unknown MLP type" warning.
+
+    Guards megatron-core <= 0.17, whose TransformerLayer passes pg_collection only to an MLP
+    that *is* MoELayer: the subclass used to fall back to the default groups (a model built
+    with its own process groups then reduced over the wrong ones).
+    """
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer.spec_utils import build_module
+
+    groups = ProcessGroupCollection.use_mpu_process_groups()
+    # One-rank groups that are not the defaults: the layer must hold these very objects.
+    custom = {name: torch.distributed.new_group([0]) for name in ("ep", "tp_ep", "expt_tp")}
+    for name, group in custom.items():
+        setattr(groups, name, group)
+    spec = densemixer_spec(get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False))
+    with caplog.at_level("WARNING"):
+        layer = build_module(spec, config=make_config(), layer_number=1, pg_collection=groups)
+    assert isinstance(layer.mlp, DenseMixerMoELayer)
+    assert layer.mlp.ep_group is custom["ep"]
+    assert layer.mlp.dense_reduction.tp_ep_group is custom["tp_ep"]
+    assert "Unknown MLP type" not in caplog.text
+
+
+def test_check_dense_router_grad_applied():
+    """The flag on with a plain spec builds Megatron's own MoELayer; the check says so before
+    any training step. With densemixer_spec, or with the flag off, it passes."""
+    config = make_config(num_layers=2, hidden_dropout=0.0, attention_dropout=0.0)
+    spec = get_gpt_layer_local_spec(num_experts=8, moe_grouped_gemm=False)
+    with pytest.raises(
+        RuntimeError,
+        match="decoder.layers.0.mlp is a MoELayer .* with megatron_densemixer.densemixer_spec",
+    ):
+        check_dense_router_grad_applied(_gpt(config, spec))
+    check_dense_router_grad_applied([_gpt(config, densemixer_spec(spec))])
+    check_dense_router_grad_applied(
+        _gpt(dataclasses.replace(config, moe_dense_router_grad=False), spec)
+    )
 
 
 def _gpt(config, spec, seed=0):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import subprocess
 import sys
 
 import pytest
@@ -39,6 +40,40 @@ FLAGS_AND_OLD_SPELLINGS = [
 
 def parse(argv: list[str]) -> argparse.Namespace:
     return megatron_lm.extra_args_provider(argparse.ArgumentParser()).parse_args(argv)
+
+
+def test_checkout_with_another_megatron_core_is_refused(tmp_path):
+    """MEGATRON_LM_PATH appends the checkout, so pip's megatron.core wins over the checkout's
+    own copy: a checkout whose megatron/core version differs must stop with both versions."""
+    info = tmp_path / "megatron" / "core" / "package_info.py"
+    info.parent.mkdir(parents=True)
+    info.write_text('__version__ = "0.99.0"\n')
+    with pytest.raises(ImportError, match="carries megatron-core 0.99.0, but the imported"):
+        megatron_lm.check_megatron_lm_checkout(str(tmp_path))
+    from megatron.core import package_info
+
+    info.write_text(f"__version__ = {package_info.__version__!r}\n")
+    megatron_lm.check_megatron_lm_checkout(str(tmp_path))
+
+
+def test_launcher_help_without_megatron_lm():
+    """--help without a Megatron-LM checkout prints the DenseMixer flags and one line on what
+    is missing: no traceback, no import warnings."""
+    launcher = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    env = {k: v for k, v in os.environ.items() if k not in ("MEGATRON_LM_PATH", "PYTHONPATH")}
+    result = subprocess.run(
+        [sys.executable, os.path.join(launcher, "pretrain_gpt_densemixer.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output
+    for flag, old in FLAGS_AND_OLD_SPELLINGS:
+        assert flag.split("=")[0] in output and old.split("=")[0] in output
+    assert output.strip().splitlines()[-1].startswith("Megatron-LM not found: set MEGATRON_LM")
+    assert "Traceback" not in output and "Warning" not in output
 
 
 def test_flags_default_to_the_config_defaults():
