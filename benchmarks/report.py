@@ -104,7 +104,7 @@ def format_tables(
     Args:
         results: The JSON "shapes" list.
         knobs: The JSON "approximations" entry, or None when they were skipped.
-        targets: ``evaluate_targets``'s list.
+        targets: ``evaluate_targets``'s list; empty when they were not evaluated.
         clock: Whose times to show, "cpu" or "wall".
 
     Returns:
@@ -175,6 +175,11 @@ def format_tables(
                 + "|"
             )
     lines += ["", "Targets", ""]
+    if not targets:
+        lines.append(
+            "- not evaluated: the quick shapes are too small (fixed per-call costs outweigh "
+            "the expert GEMMs); run the default set"
+        )
     for t in targets:
         mark = "met   " if t["met"] else "MISSED"
         lines.append(f"- {mark} {t['target']} [{t['shape']}]: {t['detail']}")

@@ -72,7 +72,8 @@ def test_launcher_help_without_megatron_lm():
     assert result.returncode == 0, output
     for flag, old in FLAGS_AND_OLD_SPELLINGS:
         assert flag.split("=")[0] in output and old.split("=")[0] in output
-    assert output.strip().splitlines()[-1].startswith("Megatron-LM not found: set MEGATRON_LM")
+    last = result.stdout.strip().splitlines()[-1]
+    assert last.startswith("Megatron-LM not found: set MEGATRON_LM")
     assert "Traceback" not in output and "Warning" not in output
 
 
