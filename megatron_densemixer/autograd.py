@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
-from megatron_densemixer.experts import ExpertWeights
+from megatron_densemixer.experts import LocalExperts
 from megatron_densemixer.reduction import DenseReduction
 
 
@@ -24,8 +24,8 @@ class DenseBackwardInputs:
     """The conventional top-k probs, [num_tokens, num_experts]."""
     routing_map: torch.Tensor
     """The selected set K, bool [num_tokens, num_experts]."""
-    experts: Sequence[ExpertWeights]
-    """This rank's local experts, as views of their parameters."""
+    experts: LocalExperts
+    """This rank's local experts: views of their weights, or the module to run."""
     reduction: DenseReduction
     """How to compute G on this rank (parallel layout and chunk size)."""
     variant: str = "partscale"

@@ -1,19 +1,35 @@
 """The expert function as the dense reduction sees it: weights, activation, scores.
 
-``local_expert_weights`` adapts Megatron's expert modules (SequentialMLP, GroupedMLP,
-TEGroupedMLP) to ``ExpertWeights`` views; ``expert_output_scores`` computes
-G[t, e] = <g_t, E_e(x_t)> from them with two dense GEMMs per expert.
+G[t, e] = <g_t, E_e(x_t)> is only DenseMixer's gradient when E_e is exactly the function the
+forward applied. ``local_experts`` therefore reads weights (``ExpertWeights`` views, the fast
+path: two dense GEMMs per expert) only where every linear of Megatron's expert modules
+(SequentialMLP, GroupedMLP, TEGroupedMLP) is one it recognises exactly; anything that wraps a
+linear (Megatron-Bridge's LoRA / DoRA ``AdapterWrapper``, other adapters) or replaces the
+activation gets an ``ExpertModule``, whose scores come from running the experts module itself
+on every token (the same FLOPs: fc1, activation, fc2, then a row-wise dot with g).
 """
 
 from __future__ import annotations
 
-from typing import List, NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
+from megatron.core.extensions.transformer_engine import (
+    TEColumnParallelGroupedLinear,
+    TEColumnParallelLinear,
+    TERowParallelGroupedLinear,
+    TERowParallelLinear,
+)
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
+
+# Linears whose output is exactly weight @ x (+ bias): the fast path may read their weights.
+_FC1_LINEARS = (ColumnParallelLinear, TEColumnParallelLinear)
+_FC2_LINEARS = (RowParallelLinear, TERowParallelLinear)
 
 
 class ExpertWeights(NamedTuple):
@@ -27,6 +43,20 @@ class ExpertWeights(NamedTuple):
     fc1_bias: Optional[torch.Tensor]
     fc2_weight: torch.Tensor
     fc2_bias: Optional[torch.Tensor]
+
+
+class ExpertModule(NamedTuple):
+    """Local experts scored by running their module: E_e(x) is what ``module`` computes for e.
+
+    Used where a linear is wrapped or unrecognised; see ``local_experts``.
+    """
+
+    module: torch.nn.Module
+    """SequentialMLP, GroupedMLP or TEGroupedMLP, called as MoELayer calls it."""
+    num_local_experts: int
+
+
+LocalExperts = Union[Sequence[ExpertWeights], ExpertModule]
 
 
 def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
@@ -79,6 +109,8 @@ def expert_output_scores(
     Returns:
         G, [num_tokens, len(experts)], in the accumulation dtype.
     """
+    if isinstance(experts, ExpertModule):
+        return _module_scores(hidden, grad, experts, chunk_size, pairs)
     num_tokens = hidden.shape[0]
     accumulate = torch.promote_types(experts[0].fc2_weight.dtype, torch.float32)
     shape, device = (num_tokens, len(experts)), hidden.device
@@ -117,6 +149,75 @@ def _expert_scores(
 def _optional(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     # Transformer Engine keeps an empty tensor where a module has no bias.
     return tensor if tensor is not None and tensor.numel() > 0 else None
+
+
+def _module_scores(
+    hidden: torch.Tensor,
+    grad: torch.Tensor,
+    experts: ExpertModule,
+    chunk_size: int,
+    pairs: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """G from the experts module itself: each local expert gets every token of a chunk.
+
+    The module is called as MoELayer's dispatcher calls it, with the chunk repeated once per
+    local expert, ``tokens_per_expert`` = chunk size for each, and routing probs 1, so its
+    output rows are E_e(x_t) (biases included). Under expert TP each rank's output is its
+    partial sum, which the forward also sums across the group; fc2's bias is therefore never
+    added separately here. ``pairs`` masks the result (no work is saved on this path).
+    """
+    num_tokens, num_local = hidden.shape[0], experts.num_local_experts
+    dtype = next(experts.module.parameters()).dtype
+    accumulate = torch.promote_types(dtype, torch.float32)
+    scores = hidden.new_empty((num_tokens, num_local), dtype=accumulate)
+    # The chunk budget is per expert; this path holds every local expert's activations.
+    step = max(1, chunk_size // num_local)
+    for start in range(0, num_tokens, step):
+        x = hidden[start : start + step].to(dtype)
+        g = grad[start : start + step].to(accumulate)
+        count = x.shape[0]
+        tokens_per_expert = torch.full((num_local,), count, dtype=torch.long)
+        probs = torch.ones(num_local * count, dtype=torch.float32, device=x.device)
+        output, bias = experts.module(x.repeat(num_local, 1), tokens_per_expert, probs)
+        if bias is not None:
+            output = output + bias
+        output = output.view(num_local, count, -1).to(accumulate)
+        scores[start : start + count] = torch.linalg.vecdot(output, g.unsqueeze(0)).T
+    return scores if pairs is None else scores * pairs
+
+
+def local_experts(experts: torch.nn.Module, config: TransformerConfig) -> LocalExperts:
+    """What the dense reduction scores for this layer's local experts, read at forward time.
+
+    ``ExpertWeights`` views (the fast path) when every expert linear is one this module
+    recognises exactly and the activation is the config's unfused one; otherwise (a PEFT
+    wrapper around a linear, TE's activation module, ...) an ``ExpertModule`` that runs the
+    experts module itself. Called per forward, since PEFT wraps linears after the model is
+    built.
+
+    Raises:
+        ValueError: ``experts`` is not SequentialMLP, GroupedMLP or TEGroupedMLP.
+    """
+    if compat.GroupedMLP is not None and isinstance(experts, compat.GroupedMLP):
+        return local_expert_weights(experts)
+    if isinstance(experts, compat.SequentialMLP):
+        recognised = not config.use_te_activation_func and all(
+            type(mlp) is MLP
+            and type(mlp.linear_fc1) in _FC1_LINEARS
+            and type(mlp.linear_fc2) in _FC2_LINEARS
+            for mlp in experts.local_experts
+        )
+    elif isinstance(experts, compat.TEGroupedMLP):
+        recognised = (
+            not config.use_te_activation_func
+            and type(experts.linear_fc1) is TEColumnParallelGroupedLinear
+            and type(experts.linear_fc2) is TERowParallelGroupedLinear
+        )
+    else:
+        return local_expert_weights(experts)  # raises, naming the module
+    if recognised:
+        return local_expert_weights(experts)
+    return ExpertModule(experts, experts.num_local_experts)
 
 
 def local_expert_weights(experts: torch.nn.Module) -> List[ExpertWeights]:

@@ -12,7 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
 from megatron_densemixer.autograd import DenseBackwardInputs, dense_router_grad
-from megatron_densemixer.experts import local_expert_weights
+from megatron_densemixer.experts import local_expert_weights, local_experts
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
     dense_router_grad_options,
@@ -109,7 +109,7 @@ class DenseMixerMoELayer(MoELayer):
                     hidden_states=hidden_states,
                     probs=probs.detach(),
                     routing_map=routing_map,
-                    experts=local_expert_weights(self.experts),
+                    experts=local_experts(self.experts, self.config),
                     reduction=self.dense_reduction,
                     variant=options.moe_dense_router_grad_variant,
                     token_fraction=options.moe_dense_router_grad_token_fraction,
