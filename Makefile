@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 MCORE_VERSION ?= 0.16.1
 TORCH_VERSION ?= 2.13.0
 
-.PHONY: test demo experiment bench lint test-latest clean
+.PHONY: test demo experiment bench lint test-matrix test-latest clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +25,21 @@ test: $(VENV)/.installed
 demo: $(VENV)/.demo-deps
 	$(PY) -m examples.demo
 
+# Post-training A/B (pretrain on A, fine-tune on B in five arms, 8 seeds, 2 worker processes).
 experiment: $(VENV)/.demo-deps
-	$(PY) -m examples.experiment --arms conventional,densemixer,frozen
+	$(PY) -m examples.experiment
 
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks --json results/bench.json
 
-# megatron-core 0.19.x on Python 3.12 (torch comes as the large CUDA build; runs on CPU).
+# The suite on megatron-core 0.16.1 (Python 3.11: `make test`) and 0.17.1, 0.18.2, 0.19.2
+# (Python 3.12, with Megatron-Bridge and verl), then a passed/failed/skipped table per version.
+test-matrix:
+	bash scripts/test_matrix.sh
+
+# The newest megatron-core lane alone (0.19.2, Python 3.12, Megatron-Bridge 0.6.2).
 test-latest:
-	bash scripts/test_latest.sh
+	MATRIX_VERSIONS=0.19.2 bash scripts/test_matrix.sh
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check megatron_densemixer tests examples benchmarks

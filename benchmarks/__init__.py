@@ -27,8 +27,8 @@ the input and everything alive before the step are excluded):
 
 It also times the no-grad forward (inference, RL log-prob passes) of conventional against
 densemixer, and the cost and router-gradient fidelity of the two opt-in approximations
-(``moe_dense_router_grad_topm``, ``moe_dense_router_grad_token_fraction``) against the
-exact DenseMixer gradient.
+(``moe_dense_router_grad_topm``, ``moe_dense_router_grad_token_fraction``) and of the EMA
+estimator (``moe_dense_router_grad_estimator="ema"``) against the exact DenseMixer gradient.
 
 Runs on CPU through the test-only shim in tests/support/megatron_cpu.py, in fp32, with one
 torch thread by default, and reports this process's CPU time per call (``--clock wall`` for

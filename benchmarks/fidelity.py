@@ -1,4 +1,4 @@
-"""Router-gradient fidelity of the opt-in approximations against exact DenseMixer."""
+"""Router-gradient fidelity of the approximations and the EMA estimator against exact DenseMixer."""
 
 from __future__ import annotations
 
@@ -34,7 +34,10 @@ def router_grad_fidelity(
 
     Compares the whole gradient and its dense term alone (minus the conventional grad, which
     every setting keeps exactly). The token fraction draws new tokens each step: its figures
-    are medians over ``draws`` steps. The router weights are scaled back afterwards.
+    are medians over ``draws`` steps. The EMA estimator's table is emptied, then warmed on
+    ``draws`` other batches of the same distribution at this scale, so the measured step sees
+    a table built mostly from other tokens, as in training. The router weights are scaled back
+    afterwards.
 
     Args:
         layers: "conventional" and one layer per ``KNOB_SETTINGS`` name, same weights.
@@ -66,6 +69,12 @@ def router_grad_fidelity(
         settings = {}
         for name, overrides in KNOB_SETTINGS.items():
             random = "moe_dense_router_grad_token_fraction" in overrides(shape.topk)
+            ema = getattr(layers[name], "dense_router_grad_ema", None)
+            if ema is not None:
+                ema.reset()
+                for _ in range(draws):
+                    warm = torch.randn_like(x).requires_grad_(True)
+                    train_step(layers[name], warm, g, list(layers[name].parameters()))
             grads = [router_grad(name) for _ in range(draws if random else 1)]
             settings[name] = {
                 "cosine": median([cosine(gr, exact) for gr in grads]),

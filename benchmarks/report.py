@@ -152,7 +152,8 @@ def format_tables(
     if knobs is not None:
         lines += [
             "",
-            f"Approximations on {knobs['shape']['name']}: step time, and router.weight.grad "
+            f"Approximations and the EMA estimator on {knobs['shape']['name']}: step time, "
+            "and router.weight.grad "
             "against exact DenseMixer (cosine / relative error) at two router sharpnesses",
             "",
             f"| setting | step {clock} ms | / conventional | theory "

@@ -77,12 +77,16 @@ KNOB_SETTINGS: dict[str, Callable[[int], dict[str, Any]]] = {
     "topm=4k": lambda k: {"moe_dense_router_grad_topm": 4 * k},
     "f=0.5": lambda k: {"moe_dense_router_grad_token_fraction": 0.5},
     "f=0.25": lambda k: {"moe_dense_router_grad_token_fraction": 0.25},
+    "ema": lambda k: {"moe_dense_router_grad_estimator": "ema"},
 }
 KNOB_SHAPES = {"default": "qwen3-30b-a3b-like", "quick": "qwen3-30b-a3b-like-xs"}
 
 
 def knob_theory(shape: Shape, overrides: dict[str, Any]) -> float:
     """Expert compute over conventional: 3k + M scored pairs per token, or 3k + fE.
+
+    The EMA estimator scores no expert: its one GEMM, g A^T, costs 2HE FLOPs per token, E / 3F
+    expert forwards (its forward-side sums are elementwise and left out, like the router's).
 
     Args:
         shape: The layer shape.
@@ -92,7 +96,9 @@ def knob_theory(shape: Shape, overrides: dict[str, Any]) -> float:
         The theoretical step-time ratio to conventional.
     """
     dense = shape.experts
-    if "moe_dense_router_grad_topm" in overrides:
+    if overrides.get("moe_dense_router_grad_estimator") == "ema":
+        dense = shape.experts / (3 * shape.ffn)
+    elif "moe_dense_router_grad_topm" in overrides:
         dense = overrides["moe_dense_router_grad_topm"]
     dense *= overrides.get("moe_dense_router_grad_token_fraction", 1.0)
     return (3 * shape.topk + dense) / (3 * shape.topk)

@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from megatron_densemixer.ema import ema_scores
 from megatron_densemixer.experts import LocalExperts
 from megatron_densemixer.reduction import DenseReduction
 
@@ -34,6 +35,9 @@ class DenseBackwardInputs:
     """The fraction f of tokens ``pairs`` samples; their gradients are scaled by 1/f."""
     pairs: Optional[torch.Tensor] = None
     """Optional bool [num_tokens, num_experts]: the (token, expert) pairs to score."""
+    ema_table: Optional[torch.Tensor] = None
+    """The EMA estimator's A, [num_experts, H] fp32 (``megatron_densemixer.ema``); when set,
+    G[t, e] = <g_t, A_e> replaces the expert recompute."""
 
 
 class DenseRouterGradFunction(torch.autograd.Function):
@@ -63,7 +67,11 @@ class DenseRouterGradFunction(torch.autograd.Function):
         inputs: DenseBackwardInputs,
     ) -> torch.Tensor:
         ctx.save_for_backward(
-            inputs.hidden_states.detach(), inputs.probs.detach(), inputs.routing_map, inputs.pairs
+            inputs.hidden_states.detach(),
+            inputs.probs.detach(),
+            inputs.routing_map,
+            inputs.pairs,
+            inputs.ema_table,
         )
         ctx.experts = inputs.experts
         ctx.reduction = inputs.reduction
@@ -75,13 +83,16 @@ class DenseRouterGradFunction(torch.autograd.Function):
     def backward(
         ctx, grad_output: torch.Tensor
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor], None]:
-        hidden_states, probs, routing_map, pairs = ctx.saved_tensors
+        hidden_states, probs, routing_map, pairs, ema_table = ctx.saved_tensors
         grad_dense = None
         if ctx.needs_input_grad[1]:
             hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
             grad = grad_output.reshape(hidden.shape)
             with torch.no_grad():
-                scores = ctx.reduction.scores(hidden, grad, ctx.experts, pairs)
+                if ema_table is not None:
+                    scores = ema_scores(grad, ema_table)
+                else:
+                    scores = ctx.reduction.scores(hidden, grad, ctx.experts, pairs)
                 if ctx.variant == "gated":
                     scale = ctx.reduction.config.moe_router_topk_scaling_factor or 1.0
                     baseline = (probs.float() * scores).sum(dim=-1, keepdim=True) / scale

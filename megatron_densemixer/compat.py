@@ -10,6 +10,8 @@ Supported: megatron-core 0.16 to 0.19. The eras that matter here:
 - after 0.16: MoE layer-wise metrics move from ``moe_utils``'s module-level dict (written by
   ``save_to_aux_losses_tracker``, now deprecated) to ``moe_logging.get_moe_metrics_tracker()``,
   whose ``moe_utils.get_moe_layer_wise_logging_tracker()`` returns a copy, not the live dict;
+- after 0.16: the MTP layer's inner layer spec moves from ``transformer_layer`` to
+  ``mtp_model_layer`` (``mtp_inner_layer_field``);
 - up to 0.17: ``TransformerLayer`` passes ``pg_collection`` to its MLP only when the spec's
   module *is* ``MoELayer`` (an identity check); for a subclass it passes nothing (0.16, with an
   "Unknown MLP type" warning) or ``tp_group``. ``mlp_process_groups`` recovers the layer's
@@ -31,6 +33,7 @@ from megatron.core.transformer.moe import experts as _experts
 from megatron.core.transformer.moe import moe_utils as _moe_utils
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.moe_utils import get_default_pg_collection
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayerSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from packaging.version import Version
@@ -101,6 +104,19 @@ def replace_moe_spec(spec: Any, module: type, submodules: MoESubmodules) -> Any:
 def replace_router(submodules: MoESubmodules, router: Callable[..., Any]) -> MoESubmodules:
     """Returns a copy of ``submodules`` whose router builder is ``router``."""
     return dataclasses.replace(submodules, router=router)
+
+
+def mtp_inner_layer_field(submodules: Any) -> Optional[str]:
+    """The field of an MTP layer's submodules that holds its inner layer spec, or None.
+
+    ``MultiTokenPredictionLayerSubmodules.transformer_layer`` up to 0.16 became
+    ``mtp_model_layer`` later (0.19 has it; the inner layer may then be a Mamba layer). None
+    when ``submodules`` are not an MTP layer's.
+    """
+    if not isinstance(submodules, MultiTokenPredictionLayerSubmodules):
+        return None
+    names = {f.name for f in dataclasses.fields(submodules)}
+    return next(name for name in ("mtp_model_layer", "transformer_layer") if name in names)
 
 
 def record_moe_metric(name: str, value: torch.Tensor, layer_number: int, num_layers: int) -> None:

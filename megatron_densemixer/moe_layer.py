@@ -12,6 +12,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
 from megatron_densemixer.autograd import DenseBackwardInputs, dense_router_grad
+from megatron_densemixer.ema import ExpertOutputEMA, attach_expert_output_ema
 from megatron_densemixer.experts import local_expert_weights, local_experts
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
@@ -76,6 +77,7 @@ class DenseMixerMoELayer(MoELayer):
         )
         self.pending_dense_grad = None
         self.dense_reduction: Optional[DenseReduction] = None
+        self.dense_router_grad_ema: Optional[ExpertOutputEMA] = None
         if not enabled:
             return
         if not isinstance(self.router, DenseMixerTopKRouter):
@@ -93,14 +95,21 @@ class DenseMixerMoELayer(MoELayer):
             expert_tp_rank=pg_collection.expt_tp.rank(),
             local_expert_offset=self.local_expert_indices[0],
         )
+        options = dense_router_grad_options(config)
+        if options.moe_dense_router_grad_estimator == "ema":
+            self.dense_router_grad_ema = attach_expert_output_ema(
+                self, config, pg_collection, options.moe_dense_router_grad_ema_decay
+            )
 
     def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         """MoELayer.route; when active, also records what the dense backward needs."""
         probs, routing_map = super().route(hidden_states, *args, **kwargs)
         self.pending_dense_grad = None
-        dense_probs = None
+        dense_probs = selected = None
         if self.dense_reduction is not None:
             dense_probs, self.router.dense_probs = self.router.dense_probs, None
+            # K: the routing map less dropped and padding pairs (token dropping).
+            selected, self.router.dense_selected = self.router.dense_selected, None
         if dense_probs is not None:
             options = dense_router_grad_options(self.config)
             self.pending_dense_grad = PendingDenseGrad(
@@ -108,14 +117,16 @@ class DenseMixerMoELayer(MoELayer):
                 DenseBackwardInputs(
                     hidden_states=hidden_states,
                     probs=probs.detach(),
-                    routing_map=routing_map,
+                    routing_map=selected,
                     experts=local_experts(self.experts, self.config),
                     reduction=self.dense_reduction,
                     variant=options.moe_dense_router_grad_variant,
                     token_fraction=options.moe_dense_router_grad_token_fraction,
-                    pairs=dense_pairs(dense_probs.detach(), routing_map, self.config),
+                    pairs=dense_pairs(dense_probs.detach(), selected, self.config),
                 ),
             )
+        if self.dense_router_grad_ema is not None:
+            self.dense_router_grad_ema.start(active=self.pending_dense_grad is not None)
         return probs, routing_map
 
     def postprocess(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -123,6 +134,8 @@ class DenseMixerMoELayer(MoELayer):
         output = super().postprocess(output, *args, **kwargs)
         pending, self.pending_dense_grad = self.pending_dense_grad, None
         if pending is not None:
+            if self.dense_router_grad_ema is not None:
+                pending.inputs.ema_table = self.dense_router_grad_ema.finish()
             output = dense_router_grad(output, pending.dense_probs, pending.inputs)
         return output
 

@@ -17,6 +17,7 @@ from typing import Any, Literal, Mapping, Optional
 from megatron_densemixer import compat
 
 DENSE_ROUTER_GRAD_VARIANTS = ("partscale", "gated")
+DENSE_ROUTER_GRAD_ESTIMATORS = ("exact", "ema")
 SUPPORTED_DISPATCHERS = ("allgather", "alltoall")
 
 
@@ -70,6 +71,23 @@ class DenseMixerOptions:
         metadata={
             "help": "Approximation, off at 1.0: the dense gradient on this random fraction f "
             "of the tokens, scaled by 1/f (an unbiased estimate)."
+        },
+    )
+    moe_dense_router_grad_estimator: Literal["exact", "ema"] = field(
+        default="exact",
+        metadata={
+            "help": "How the non-selected experts' outputs E_e(x) are obtained: 'exact' "
+            "recomputes every expert on every token in the backward; 'ema' replaces E_e(x) "
+            "by A_e, a running mean of expert e's output over the tokens that selected it "
+            "(one [tokens, H] x [H, E] GEMM, no token exchange under EP)."
+        },
+    )
+    moe_dense_router_grad_ema_decay: float = field(
+        default=0.99,
+        metadata={
+            "help": "Decay beta of the 'ema' estimator, per training forward: "
+            "A_e <- beta A_e + (1 - beta) mean of E_e(x) over this forward's tokens of e "
+            "(0 <= beta < 1; an expert's first batch sets A_e directly)."
         },
     )
 
@@ -184,6 +202,19 @@ def _check_types(options: DenseMixerOptions) -> None:
             f"moe_dense_router_grad_token_fraction must be in (0, 1], got {fraction!r}; "
             "1.0 gives the exact gradient."
         )
+    estimator = options.moe_dense_router_grad_estimator
+    if estimator not in DENSE_ROUTER_GRAD_ESTIMATORS:
+        raise ValueError(
+            f"moe_dense_router_grad_estimator must be one of {DENSE_ROUTER_GRAD_ESTIMATORS}, "
+            f"got {estimator!r}."
+        )
+    decay = options.moe_dense_router_grad_ema_decay
+    # decay = 1 would freeze every expert's mean at its first batch.
+    if not (_is_real(decay) and 0.0 <= decay < 1.0):
+        raise ValueError(
+            f"moe_dense_router_grad_ema_decay must be in [0, 1), got {decay!r}; the default "
+            "is 0.99."
+        )
 
 
 def validate_dense_router_grad(config: Any) -> None:
@@ -222,6 +253,14 @@ def validate_dense_router_grad(config: Any) -> None:
             f"({config.moe_router_topk}) < M <= num_moe_experts ({num_experts}); "
             "set it to None for the exact gradient."
         )
+    # The EMA estimator needs no expert recompute, so there is nothing for them to save.
+    if options.moe_dense_router_grad_estimator == "ema" and approximates(options):
+        fail(
+            "moe_dense_router_grad_estimator='ema' does not combine with "
+            "moe_dense_router_grad_topm or moe_dense_router_grad_token_fraction < 1 (they thin "
+            "out the exact estimator's expert recompute, which 'ema' does not run); set "
+            "moe_dense_router_grad_topm=None and moe_dense_router_grad_token_fraction=1.0."
+        )
     # Sinkhorn's probs are not a function of per-expert scores that top-k merely masks.
     if config.moe_router_load_balancing_type == "sinkhorn":
         fail(
@@ -243,11 +282,15 @@ def validate_dense_router_grad(config: Any) -> None:
             f"moe_router_pre_softmax={config.moe_router_pre_softmax}, "
             f"moe_router_topk={config.moe_router_topk}. Use 'partscale' instead."
         )
-    # Dropped tokens leave K but keep their share of S: the dense weights are then undefined.
-    if config.moe_expert_capacity_factor is not None:
+    # A dropped pair keeps its share of S, the sum over the top-k before dropping, which the
+    # router reads from the unfused top-k; the fused kernel returns only the dropped result.
+    if config.moe_expert_capacity_factor is not None and getattr(
+        config, "moe_router_fusion", False
+    ):
         fail(
             f"moe_expert_capacity_factor={config.moe_expert_capacity_factor} (token dropping) "
-            "is not supported; set moe_expert_capacity_factor=None."
+            "requires moe_router_fusion=False (the fused top-k does not expose the selection "
+            "before dropping); set moe_router_fusion=False or moe_expert_capacity_factor=None."
         )
     # With probs applied on the input, E_e(w x) is not linear in w and G_e is not dL/dw_e.
     if config.moe_apply_probs_on_input:
@@ -264,9 +307,17 @@ def validate_dense_router_grad(config: Any) -> None:
             "fp8/fp4 expert weights are not supported by the dense reduction yet; "
             "train in bf16 or fp32 (unset fp8/fp4)."
         )
-    # CUDA graphs and the fine-grained A2A overlap drive MoELayer's step methods on their own
-    # schedule; the dense path has not been validated there.
+    # Under a (partial) CUDA graph, MoELayer.route hands back the replayed graph's probs and
+    # routing map without running the router: no dense weights would be made and the router
+    # would silently train conventionally.
     if getattr(config, "cuda_graph_impl", "none") != "none":
         fail(f"cuda_graph_impl={config.cuda_graph_impl!r} is not supported; set it to 'none'.")
+    # The A2A overlap runs route and postprocess in separate schedule nodes, each with its own
+    # autograd graph; the dense gradient would enter the router's node from the combine node,
+    # whose backward runs first and frees the router node's graph.
     if getattr(config, "overlap_moe_expert_parallel_comm", False):
-        fail("overlap_moe_expert_parallel_comm=True is not supported yet; set it to False.")
+        fail(
+            "overlap_moe_expert_parallel_comm=True is not supported: it splits route and "
+            "postprocess into separate autograd graphs, and the dense router gradient must "
+            "cross from one to the other; set it to False."
+        )

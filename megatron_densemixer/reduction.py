@@ -1,34 +1,43 @@
 """The backward's dense reduction: G = <g, E_e(x)> for this rank's tokens and all experts.
 
-Holds the parallel exchange (tokens gathered over the expert-TP x EP group, scalars returned
-with one all-to-all), chunk sizing, and the opt-in (token, expert) pair sampling.
+Holds the parallel exchange (token blocks streamed around the expert-TP x EP group in a ring,
+scalars returned to each block's owner), chunk sizing, and the opt-in (token, expert) pair
+sampling.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer.cost import dense_chunk_bytes_per_token
-from megatron_densemixer.experts import ExpertWeights, expert_output_scores
+from megatron_densemixer.cost import chunk_tokens
+from megatron_densemixer.experts import ExpertModule, LocalExperts, expert_output_scores
 from megatron_densemixer.options import approximates, dense_router_grad_options
+
+_SCORES_TAG = 3
+"""Point-to-point tag of the returned partial scores; a block's tensors use tags 0 to 2."""
 
 
 @dataclass
 class DenseReduction:
     """What the backward needs to turn g into the router's dense gradient on this rank.
 
-    Parallel layout: tokens are gathered over ``tp_ep_group`` (expert-TP x EP ranks, whose
-    group rank is ep_rank * expert_tp_size + expert_tp_rank, the order Megatron's
-    dispatchers assume), whose members jointly hold every expert's full F. Each member scores
-    its local experts on all gathered tokens; an all-to-all returns each token's
-    [tokens, local experts] block to the token's rank, where the expert-TP partial scores are
-    summed. Only scalars travel back, never hidden vectors. Members may hold different
-    numbers of tokens (the all-to-all dispatcher allows it): the gathers pad to the largest.
+    Parallel layout: ``tp_ep_group`` holds the expert-TP x EP ranks (group rank
+    ep_rank * expert_tp_size + expert_tp_rank, the order Megatron's dispatchers assume), which
+    jointly hold every expert's full F, so each member scores its local experts (its F-slice
+    of them) on every member's tokens. The members' token blocks (x, g and, with the
+    approximations, the pair mask) travel once around the group: in step s a rank scores the
+    block of member rank - s while it passes that block on to rank + 1 and receives the next
+    one from rank - 1, and returns the previous step's [tokens, local experts] partial
+    scores to their owner, which sums the expert-TP partials. At most two received blocks
+    are alive at a time, whatever the group size (``dense_router_grad_memory_bytes``), and
+    every transfer overlaps a block's GEMMs where the backend's point-to-point ops are
+    asynchronous (NCCL, gloo). Only scalars travel back, never hidden vectors. Members may
+    hold different numbers of tokens (the all-to-all dispatcher allows it).
     """
 
     config: TransformerConfig
@@ -42,28 +51,37 @@ class DenseReduction:
         self,
         hidden: torch.Tensor,
         grad: torch.Tensor,
-        experts: Sequence[ExpertWeights],
+        experts: LocalExperts,
         pairs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
-        """G for this rank's tokens and all experts, [num_local_tokens, num_experts], fp32.
+        """G for this rank's tokens and all experts, [num_local_tokens, num_experts].
+
+        fp32 (fp64 for fp64 expert weights), the accumulation dtype of
+        ``expert_output_scores``.
 
         Args:
             hidden: This rank's MoE input x, [num_local_tokens, H].
             grad: g = dL/dy for the same tokens, [num_local_tokens, H].
-            experts: This rank's local experts (its F slice of them under expert TP).
+            experts: This rank's local experts (its F slice of them under expert TP), as
+                weights or as the experts module (``experts.local_experts``).
             pairs: Optional bool [num_local_tokens, num_experts]: score only these pairs.
         """
-        group, group_size = self.tp_ep_group, _group_size(self.tp_ep_group)
-        num_tokens = hidden.shape[0]
-        if group_size > 1:
-            counts = _token_counts(num_tokens, group, hidden.device)
-            hidden = _all_gather_tokens(hidden, group, counts)
-            grad = _all_gather_tokens(grad, group, counts)
-            if pairs is not None:
-                pairs = _all_gather_tokens(pairs.to(torch.uint8), group, counts).bool()
+        if _group_size(self.tp_ep_group) == 1:
+            return self._block_scores([hidden, grad, pairs], experts)
+        return self._ring_scores(hidden, grad, experts, pairs)
+
+    def _block_scores(
+        self, block: List[Optional[torch.Tensor]], experts: LocalExperts
+    ) -> torch.Tensor:
+        """This rank's local experts on one member's block (x, g[, pairs]), [T_m, L]."""
+        hidden, grad, pairs = block if len(block) == 3 else (*block, None)
         if pairs is not None:
-            pairs = pairs[:, self.local_expert_offset : self.local_expert_offset + len(experts)]
-        partial = expert_output_scores(
+            num_local = (
+                experts.num_local_experts if isinstance(experts, ExpertModule) else len(experts)
+            )
+            pairs = pairs[:, self.local_expert_offset : self.local_expert_offset + num_local]
+            pairs = pairs.bool()
+        return expert_output_scores(
             hidden,
             grad,
             experts,
@@ -71,36 +89,63 @@ class DenseReduction:
             self.chunk_size,
             add_fc2_bias=self.expert_tp_rank == 0,
             pairs=pairs,
-        )  # [group tokens, local experts]
-        if group_size == 1:
-            return partial
-        # Send member i the rows of its tokens; block i received: member i's partial scores
-        # of this rank's tokens, for member i's local experts (or its F-slice of them).
-        num_local_experts = partial.shape[1]
-        received = partial.new_empty((group_size * num_tokens, num_local_experts))
-        dist.all_to_all_single(
-            received,
-            partial.contiguous(),
-            output_split_sizes=[num_tokens] * group_size,
-            input_split_sizes=counts,
-            group=group,
         )
-        ep_size = group_size // self.expert_tp_size
-        received = received.view(ep_size, self.expert_tp_size, num_tokens, num_local_experts)
-        return received.sum(dim=1).permute(1, 0, 2).reshape(num_tokens, -1)
+
+    def _ring_scores(
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        experts: LocalExperts,
+        pairs: Optional[torch.Tensor],
+    ) -> torch.Tensor:
+        """``scores`` over a group of two or more members: the ring described above."""
+        group = self.tp_ep_group
+        size, rank = dist.get_world_size(group), dist.get_rank(group)
+        counts = _token_counts(hidden.shape[0], group, hidden.device)
+        block = [hidden.contiguous(), grad.contiguous()]
+        if pairs is not None:
+            block.append(pairs.to(torch.uint8))  # gloo and NCCL do not send bool
+        receive_slots: List[List[torch.Tensor]] = []
+        scores = None  # [num_local_tokens, EP, local experts], summed over expert TP
+        outgoing = None  # the previous step's partial scores, still to be returned
+        # Step `size` only returns the last partial scores.
+        for step in range(size + 1):
+            ops, incoming, returned = [], None, None
+            if step + 1 < size:
+                sender = (rank - step - 1) % size  # whose block arrives for the next step
+                incoming = _receive_buffers(receive_slots, step % 2, block, counts, sender)
+                ops += _p2p_ops(dist.isend, block, (rank + 1) % size, group)
+                ops += _p2p_ops(dist.irecv, incoming, (rank - 1) % size, group)
+            if outgoing is not None:
+                # In step - 1 this rank scored member `back`'s block, and member `ahead`
+                # scored this rank's block.
+                back, ahead = (rank - step + 1) % size, (rank + step - 1) % size
+                returned = outgoing.new_empty((hidden.shape[0], outgoing.shape[1]))
+                ops += _p2p_ops(dist.isend, [outgoing], back, group, _SCORES_TAG)
+                ops += _p2p_ops(dist.irecv, [returned], ahead, group, _SCORES_TAG)
+            works = dist.batch_isend_irecv(ops) if ops else []
+            partial = self._block_scores(block, experts) if step < size else None
+            if scores is None:
+                ep_size = size // self.expert_tp_size
+                scores = partial.new_zeros((hidden.shape[0], ep_size, partial.shape[1]))
+                scores[:, rank // self.expert_tp_size] += partial
+                partial = None
+            for work in works:
+                work.wait()
+            if returned is not None:
+                scores[:, ahead // self.expert_tp_size] += returned
+            block, outgoing = incoming, partial
+        return scores.flatten(1)
 
 
 def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk of the dense reduction.
+    """Tokens per chunk of the dense reduction, for experts of F ``ffn_size`` in ``dtype``.
 
     ``moe_dense_router_grad_chunk_size`` if set; otherwise the most tokens whose chunk
-    activations (``dense_chunk_bytes_per_token``) fit ``moe_dense_router_grad_chunk_budget_mb``.
+    activations fit ``moe_dense_router_grad_chunk_budget_mb`` (``cost.chunk_tokens``).
     """
-    options = dense_router_grad_options(config)
-    if options.moe_dense_router_grad_chunk_size:
-        return options.moe_dense_router_grad_chunk_size
-    budget = options.moe_dense_router_grad_chunk_budget_mb * 2**20
-    return max(1, int(budget // dense_chunk_bytes_per_token(config, ffn_size, dtype)))
+    element = torch.empty((), dtype=dtype).element_size()
+    return chunk_tokens(config, ffn_size, config.gated_linear_unit, element)
 
 
 def dense_pairs(
@@ -144,19 +189,38 @@ def _token_counts(num_tokens: int, group: dist.ProcessGroup, device: torch.devic
     return counts.tolist()
 
 
-def _all_gather_tokens(
-    tensor: torch.Tensor, group: dist.ProcessGroup, counts: List[int]
-) -> torch.Tensor:
-    """Concatenates the members' [tokens, ...] blocks along tokens, in group-rank order.
+def _receive_buffers(
+    slots: List[List[torch.Tensor]],
+    slot: int,
+    block: List[torch.Tensor],
+    counts: List[int],
+    sender: int,
+) -> List[torch.Tensor]:
+    """Views of ``counts[sender]`` rows into receive slot ``slot`` (0 or 1), shaped like
+    ``block``'s tensors. Each slot is allocated once, for the largest count, so a step
+    receives into the slot that the previous step's transfers have finished with."""
+    if len(slots) == slot:
+        largest = max(counts)
+        slots.append([t.new_empty((largest,) + tuple(t.shape[1:])) for t in block])
+    return [buffer[: counts[sender]] for buffer in slots[slot]]
 
-    Uneven blocks are padded to the largest for the all-gather, then trimmed.
+
+def _p2p_ops(
+    op: Callable[..., Any],
+    tensors: List[torch.Tensor],
+    peer: int,
+    group: dist.ProcessGroup,
+    first_tag: int = 0,
+) -> List[dist.P2POp]:
+    """One ``dist.P2POp`` per non-empty tensor, to or from group rank ``peer``.
+
+    Both sides know every member's token count, so they skip the same empty tensors. Each
+    tensor gets its own tag (first_tag, first_tag + 1, ...), so gloo matches them in any
+    order; NCCL ignores tags and matches in issue order, which both sides share.
     """
-    size, largest = len(counts), max(counts)
-    if tensor.shape[0] < largest:
-        padding = tensor.new_zeros((largest - tensor.shape[0],) + tuple(tensor.shape[1:]))
-        tensor = torch.cat([tensor, padding])
-    output = tensor.new_empty((size * largest,) + tuple(tensor.shape[1:]))
-    dist.all_gather_into_tensor(output, tensor.contiguous(), group=group)
-    if min(counts) == largest:
-        return output
-    return torch.cat([block[:n] for block, n in zip(output.split(largest), counts, strict=True)])
+    peer = dist.get_global_rank(group, peer)
+    return [
+        dist.P2POp(op, tensor, peer, group, first_tag + i)
+        for i, tensor in enumerate(tensors)
+        if tensor.numel() > 0
+    ]

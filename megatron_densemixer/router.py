@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Callable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -32,38 +32,51 @@ def router_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
 
 
 def dense_router_probs(
-    logits: torch.Tensor, routing_map: torch.Tensor, config: TransformerConfig
+    logits: torch.Tensor,
+    routing_map: torch.Tensor,
+    config: TransformerConfig,
+    topk_map: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Dense routing weights of the non-selected experts, differentiable w.r.t. the logits.
 
-    For a token with scores s (see ``router_scores``) and selected set K:
+    For a token with scores s (see ``router_scores``), selected set K and top-k set T:
 
         w_e = c * s_e / stopgrad(S)   for e not in K, when the top-k weights are renormalised
         w_e = c * s_e                 for e not in K, otherwise
         w_e = 0                       for e in K (the conventional probs carry those)
-        w_e = 0                       for every e when K is empty
+        w_e = 0                       for every e when T is empty
 
-    where S = sum_{j in K} s_j (+1e-20 for sigmoid-style scores, as Megatron does) and c is
+    where S = sum_{j in T} s_j (+1e-20 for sigmoid-style scores, as Megatron does) and c is
     ``moe_router_topk_scaling_factor`` (1 when unset). Renormalised means softmax with
     ``moe_router_pre_softmax=False`` or sigmoid/sqrtsoftplus with ``moe_router_topk > 1``.
     With dL/dw_e = G_e = <g, E_e(x)>, this adds dL/ds_j = c G_j / S (or c G_j) for j not in K
-    to the conventional gradient, which is exactly the DenseMixer "partscale" gradient. A
-    token routed to no expert (padding exclusion, dropping) has no conventional output and
-    contributes nothing to the dense term either; S is never divided by when it is empty.
+    to the conventional gradient, which is exactly the DenseMixer "partscale" gradient.
+
+    Without token dropping T = K. With it (``moe_expert_capacity_factor``), K is the top-k
+    pairs that survived capacity and T the top-k before dropping: Megatron divides the kept
+    weights by the sum over T, so a dropped pair is a non-selected one with that same S. A
+    token with an empty T (padding exclusion, an empty replayed row) has no conventional
+    output and contributes nothing to the dense term either; S is never divided by when it
+    is empty.
 
     Args:
         logits: Router logits, [num_tokens, num_experts].
-        routing_map: Selected experts K, bool [num_tokens, num_experts].
+        routing_map: Selected experts K, bool [num_tokens, num_experts]: the pairs the forward
+            used (with pad-to-capacity, not the padding pairs of Megatron's routing map).
         config: The layer's config.
+        topk_map: The top-k set T before token dropping, bool [num_tokens, num_experts];
+            None means T = K (no dropping).
 
     Returns:
         The dense weights, [num_tokens, num_experts], in fp32 (fp64 for fp64 logits).
     """
     scores = router_scores(logits, config.moe_router_score_function)
-    routed = routing_map.any(dim=-1, keepdim=True)  # [num_tokens, 1]
+    if topk_map is None:
+        topk_map = routing_map
+    routed = topk_map.any(dim=-1, keepdim=True)  # [num_tokens, 1]
     if renormalises_topk(config):
         eps = 0.0 if config.moe_router_score_function == "softmax" else _RENORM_EPS
-        selected_sum = (scores * routing_map).sum(dim=-1, keepdim=True) + eps
+        selected_sum = (scores * topk_map).sum(dim=-1, keepdim=True) + eps
         # An unrouted row's S is 0 (or eps): divide by 1 there, its weights are zeroed below.
         selected_sum = torch.where(routed, selected_sum, torch.ones_like(selected_sum))
         scores = scores / selected_sum.detach()
@@ -72,24 +85,66 @@ def dense_router_probs(
     return scores.masked_fill(routing_map | ~routed, 0.0)
 
 
+class _TopkRecorder:
+    """Stands in for a router's ``router_replay`` during one ``routing`` call.
+
+    Megatron's top-k (``topk_routing_with_score_function``, unfused) asks its
+    ``router_replay`` argument for the top-k indices whenever it is not None; this object
+    answers as the router's own RouterReplay would (or as plain top-k when the router has
+    none) and keeps the indices: the top-k set before token dropping, which
+    ``TopKRouter.routing`` does not return.
+    """
+
+    def __init__(self, replay: Any) -> None:
+        self.replay = replay
+        self.top_indices: Optional[torch.Tensor] = None
+
+    def get_replay_topk(
+        self,
+        scores: torch.Tensor,
+        topk: int,
+        num_groups: Optional[int] = None,
+        group_topk: Optional[int] = None,
+        default_compute_topk: Optional[Callable[..., Tuple[torch.Tensor, torch.Tensor]]] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """RouterReplay.get_replay_topk's contract: (top-k values, indices [num_tokens, k])."""
+        if self.replay is None:
+            values, indices = default_compute_topk(scores, topk, num_groups, group_topk)
+        else:
+            values, indices = self.replay.get_replay_topk(
+                scores, topk, num_groups, group_topk, default_compute_topk
+            )
+        self.top_indices = indices
+        return values, indices
+
+
 class DenseMixerTopKRouter(TopKRouter):
     """TopKRouter whose routing also records the dense weights of the non-selected experts.
 
     Its probs and routing_map are the parent's, untouched. When the dense router gradient is
     active (flag on, grad enabled, some router parameter trainable), ``routing`` also computes
-    ``dense_router_probs`` from the same logits and routing map and leaves them in
-    ``dense_probs`` for the MoE layer, which takes them (and resets the attribute) in its
-    ``route`` step.
+    ``dense_router_probs`` from the same logits and selection and leaves them in
+    ``dense_probs`` (and the selected set K in ``dense_selected``) for the MoE layer, which
+    takes them (and resets the attributes) in its ``route`` step.
+
+    With token dropping (``moe_expert_capacity_factor``), K is the top-k pairs that survived
+    capacity: Megatron's routing map without the dropped pairs and without the zero-probability
+    padding pairs that ``moe_pad_expert_input_to_capacity`` adds, and S sums the top-k before
+    dropping, as Megatron's kept probs do.
     """
 
     dense_probs: Optional[torch.Tensor]
     """The dense weights of the last active ``routing`` call, [num_tokens, num_experts];
     None once the layer has taken them, or when the dense gradient is inactive."""
+    dense_selected: Optional[torch.Tensor]
+    """The selected set K of that call, bool [num_tokens, num_experts]; the routing map
+    unless tokens were dropped or padded to capacity."""
 
     def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
         validate_dense_router_grad(config)
         super().__init__(config, *args, **kwargs)
         self.dense_probs = None
+        self.dense_selected = None
 
     def dense_router_grad_active(self) -> bool:
         """Whether this call needs the dense router gradient.
@@ -107,10 +162,32 @@ class DenseMixerTopKRouter(TopKRouter):
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
         """Megatron's top-k routing, plus the dense weights when active."""
-        probs, routing_map = super().routing(logits, *args, **kwargs)
-        self.dense_probs = None
-        if self.dense_router_grad_active():
-            self.dense_probs = dense_router_probs(
-                logits.reshape(-1, self.config.num_moe_experts), routing_map, self.config
-            )
+        self.dense_probs = self.dense_selected = None
+        active = self.dense_router_grad_active()
+        recorder = None
+        if active and self.config.moe_expert_capacity_factor is not None:
+            # Token dropping: record the top-k before dropping (swapped in for this call only).
+            recorder = _TopkRecorder(self.router_replay)
+            self.router_replay = recorder
+        try:
+            probs, routing_map = super().routing(logits, *args, **kwargs)
+        finally:
+            if recorder is not None:
+                self.router_replay = recorder.replay
+        if not active:
+            return probs, routing_map
+        selected, topk_map = routing_map, None
+        if recorder is not None:
+            if recorder.top_indices is None:
+                raise RuntimeError(
+                    "DenseMixerTopKRouter: Megatron's routing did not go through the unfused "
+                    "top-k, so the top-k before token dropping is unknown; unset "
+                    "moe_expert_capacity_factor or moe_dense_router_grad."
+                )
+            topk_map = torch.zeros_like(routing_map).scatter_(1, recorder.top_indices, True)
+            selected = routing_map & topk_map
+        self.dense_selected = selected
+        self.dense_probs = dense_router_probs(
+            logits.reshape(-1, self.config.num_moe_experts), selected, self.config, topk_map
+        )
         return probs, routing_map

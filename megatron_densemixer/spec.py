@@ -8,6 +8,7 @@ import inspect
 from typing import Any, Callable, Optional, TypeVar
 
 from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionBlockSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
@@ -17,12 +18,17 @@ from megatron_densemixer.router import DenseMixerTopKRouter
 
 Spec = TypeVar("Spec")
 
+# Spec containers holding a list of layer specs: the decoder block's and the MTP block's.
+_BLOCK_SUBMODULES = (TransformerBlockSubmodules, MultiTokenPredictionBlockSubmodules)
+
 
 def densemixer_spec(spec: Spec) -> Spec:
     """Returns ``spec`` with every MoE layer made a DenseMixerMoELayer with its router.
 
     Accepts every form Megatron and the frameworks on it hand to GPTModel: a TransformerLayer
-    ModuleSpec, a TransformerBlockSubmodules (its ``layer_specs``), a
+    ModuleSpec, a TransformerBlockSubmodules (its ``layer_specs``), a multi-token-prediction
+    block spec (``MultiTokenPredictionBlockSubmodules``, GPTModel's ``mtp_block_spec``, or one
+    MTP layer's ModuleSpec), a
     ``ModuleSpec(module=TransformerBlock, submodules=TransformerBlockSubmodules)`` (a valid
     Megatron-LM ``--spec`` target), the MoE spec itself (``ModuleSpec(module=MoELayer, ...)``
     up to 0.17, ``functools.partial(MoELayer, ...)`` from 0.18), or a spec *function* taking
@@ -50,18 +56,23 @@ def densemixer_spec(spec: Spec) -> Spec:
                 "only TopKRouter can be rewritten to DenseMixerTopKRouter."
             )
         return compat.replace_moe_spec(spec, DenseMixerMoELayer, submodules)
-    if isinstance(spec, TransformerBlockSubmodules):
+    if isinstance(spec, _BLOCK_SUBMODULES):
+        if spec.layer_specs is None:
+            return spec
         return dataclasses.replace(
             spec, layer_specs=[densemixer_spec(layer) for layer in spec.layer_specs]
         )
-    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, TransformerBlockSubmodules):
+    if isinstance(spec, ModuleSpec) and isinstance(spec.submodules, _BLOCK_SUBMODULES):
         return dataclasses.replace(spec, submodules=densemixer_spec(spec.submodules))
     if isinstance(spec, ModuleSpec) and spec.submodules is not None:
-        mlp = getattr(spec.submodules, "mlp", None)
-        if mlp is None:
+        # A TransformerLayer's MLP, or the layer inside a multi-token-prediction layer.
+        name = compat.mtp_inner_layer_field(spec.submodules) or "mlp"
+        inner = getattr(spec.submodules, name, None)
+        if inner is None:
             return spec
         return dataclasses.replace(
-            spec, submodules=dataclasses.replace(spec.submodules, mlp=densemixer_spec(mlp))
+            spec,
+            submodules=dataclasses.replace(spec.submodules, **{name: densemixer_spec(inner)}),
         )
     if isinstance(spec, DenseMixerSpecFunction):
         return spec

@@ -1,12 +1,29 @@
-"""The dense backward's communication volume: hand-computed cases and the real collectives."""
+"""The dense backward's costs: communication (hand-computed and the real transfers), memory,
+FLOPs, and the cluster model behind ``python -m megatron_densemixer.cost``."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_densemixer import reduction as dm_reduction
-from megatron_densemixer.cost import dense_router_grad_comm_bytes
+from megatron_densemixer.cost import (
+    MoELayerShape,
+    chunk_tokens,
+    dense_flops,
+    dense_router_grad_comm_bytes,
+    memory_bytes,
+)
+from megatron_densemixer.cost import __main__ as cost_cli
+from megatron_densemixer.cost.cluster import (
+    Device,
+    all_to_all_seconds,
+    cluster_cost,
+    conventional_flops,
+)
+from megatron_densemixer.cost.presets import DEVICES, MODELS
 from megatron_densemixer.experts import ExpertWeights
 from tests.support.builders import EXPERTS, FFN, HIDDEN, parallel_config
 
@@ -54,25 +71,41 @@ def test_comm_bytes_overrides_and_params_dtype():
     assert tuple(bytes_) == (2240, 2240, 280, 0, 56)
 
 
-def test_comm_bytes_match_the_collectives(monkeypatch):
+@pytest.mark.parametrize("counts", [(5, 5, 5, 5), (5, 3, 0, 6)])
+def test_comm_bytes_match_the_transfers(monkeypatch, counts):
     """The reported bytes equal what DenseReduction.scores actually passes to its
-    collectives (counted on a fake 4-rank group), so the formula cannot drift from the code."""
+    collectives and point-to-point ops, received and sent (counted for group rank 1 of a
+    fake 4-member group, EP=2 x expert TP=2, with the pair mask travelling), so the formula
+    cannot drift from the code. Uneven counts: each block travels with its own count."""
     config = parallel_config("alltoall", ep=2, tp=2, moe_dense_router_grad_topm=4)
-    group_size, num_tokens = 4, 5
-    received = {"all_gather": 0, "all_to_all": 0}
+    rank, group_size = 1, 4
+    moved = {"all_gather": 0, "received": 0, "sent": 0}
 
     def all_gather_into_tensor(output, tensor, group=None):
-        received["all_gather"] += (output.numel() - tensor.numel()) * tensor.element_size()
-        output.copy_(tensor.repeat((group_size,) + (1,) * (tensor.dim() - 1)))
+        moved["all_gather"] += (output.numel() - tensor.numel()) * tensor.element_size()
+        output.copy_(torch.tensor(counts))
 
-    def all_to_all_single(output, tensor, output_split_sizes, input_split_sizes, group=None):
-        own = output_split_sizes[0] * output.shape[1]  # the block this rank keeps
-        received["all_to_all"] += (output.numel() - own) * output.element_size()
-        output.copy_(tensor)
+    def batch_isend_irecv(ops):
+        for op in ops:
+            assert op.tensor.is_contiguous() and op.tensor.numel() > 0
+            nbytes = op.tensor.numel() * op.tensor.element_size()
+            if op.op is dm_reduction.dist.irecv:
+                moved["received"] += nbytes
+                op.tensor.copy_(torch.randn(op.tensor.shape).to(op.tensor.dtype))
+            else:
+                moved["sent"] += nbytes
+        return []
 
-    monkeypatch.setattr(dm_reduction.dist, "get_world_size", lambda group=None: group_size)
-    monkeypatch.setattr(dm_reduction.dist, "all_gather_into_tensor", all_gather_into_tensor)
-    monkeypatch.setattr(dm_reduction.dist, "all_to_all_single", all_to_all_single)
+    def p2p_op(op, tensor, peer, group, tag):
+        return SimpleNamespace(op=op, tensor=tensor, peer=peer, group=group, tag=tag)
+
+    fake = dm_reduction.dist
+    monkeypatch.setattr(fake, "get_world_size", lambda group=None: group_size)
+    monkeypatch.setattr(fake, "get_rank", lambda group=None: rank)
+    monkeypatch.setattr(fake, "get_global_rank", lambda group, group_rank: group_rank)
+    monkeypatch.setattr(fake, "all_gather_into_tensor", all_gather_into_tensor)
+    monkeypatch.setattr(fake, "batch_isend_irecv", batch_isend_irecv)
+    monkeypatch.setattr(fake, "P2POp", p2p_op)
     local = EXPERTS // 2
     weights = [
         ExpertWeights(torch.randn(FFN, HIDDEN), None, torch.randn(HIDDEN, FFN // 2), None)
@@ -83,19 +116,142 @@ def test_comm_bytes_match_the_collectives(monkeypatch):
         chunk_size=3,
         tp_ep_group=object(),
         expert_tp_size=2,
-        expert_tp_rank=0,
+        expert_tp_rank=1,
         local_expert_offset=0,
     )
+    num_tokens = counts[rank]
     pairs = torch.ones(num_tokens, EXPERTS, dtype=torch.bool)
     scores = reduction.scores(
         torch.randn(num_tokens, HIDDEN), torch.randn(num_tokens, HIDDEN), weights, pairs
     )
     assert scores.shape == (num_tokens, EXPERTS)
     expected = dense_router_grad_comm_bytes(config, num_tokens)
-    assert received["all_gather"] == (
-        expected.all_gather_hidden
-        + expected.all_gather_grad
-        + expected.all_gather_pairs
-        + expected.all_gather_token_counts
+    assert moved["all_gather"] == expected.token_counts
+    if len(set(counts)) == 1:
+        assert moved["received"] == moved["sent"] == expected.total - expected.token_counts
+        return
+    # Received: every other member's block (x, g in fp32, the uint8 mask) and P - 1 = 3
+    # returns of this rank's [T_rank, L] partial scores. Sent: every block but the next
+    # member's (the ring's last hop), and the partial scores of every other member's block.
+    per_token = 2 * HIDDEN * 4 + EXPERTS
+    total = sum(counts)
+    assert moved["received"] == (total - num_tokens) * per_token + 3 * num_tokens * local * 4
+    assert (
+        moved["sent"] == (total - counts[rank + 1]) * per_token + (total - num_tokens) * local * 4
     )
-    assert received["all_to_all"] == expected.all_to_all_scores
+
+
+# --------------------------------------------------------------------------------------
+# Memory, FLOPs and the cluster model (python -m megatron_densemixer.cost)
+# --------------------------------------------------------------------------------------
+# E=8, k=2, H=16, F=6 gated, T=10 tokens per rank: the hand-computed cases below.
+SMALL = MoELayerShape(8, 2, 16, 6, 10, element_size=4)
+
+
+@pytest.mark.parametrize(
+    "overrides, chunk, expected",
+    [
+        # One rank: no blocks; chunk 3 tokens x (4 (12 + 12) + 8 * 6 = 144); G: 10 * 8 * 4.
+        (dict(), 3, (0, 432, 320)),
+        # EP=4: two blocks of 10 x (2 * 16 * 4) = 1280 each; G 320 + 3 * 10 * 2 * 4 = 240.
+        (dict(ep=4), 3, (2560, 432, 560)),
+        # EP=2 x ETP=2, bf16, mask travelling (m = 8), chunk 20 > T = 10 tokens:
+        # blocks 2 * 10 * (64 + 8) + 10 * 8 = 1520; chunk 10 x (2 (6 + 6) + 8 * 3 = 48) = 480
+        # + gathered rows 10 (64 + 8) + mask 10 * 4 = 760; G 320 + 3 * 10 * 4 * 4 = 480.
+        (dict(ep=2, etp=2, element_size=2, approximate=True), 20, (1520, 1240, 800)),
+    ],
+)
+def test_memory_bytes_hand_computed(overrides, chunk, expected):
+    """memory_bytes on hand-computed cases: guards the budget the exchange promises (and
+    benchmarks.exchange_memory checks) against a wrong block count, dtype or F-slice."""
+    memory = memory_bytes(SMALL._replace(**overrides), chunk)
+    assert tuple(memory) == expected and memory.total == sum(expected)
+
+
+def test_memory_bytes_do_not_grow_with_the_group():
+    """From three members on, the blocks and the chunk cost the same at any EP, and the
+    partial scores ([T, E / EP]) shrink: the point of the ring (the all-gather it replaced
+    held 2 P T H b)."""
+    shape = MoELayerShape(256, 8, 7168, 2048, 2048)
+    small, large = memory_bytes(shape._replace(ep=4), 64), memory_bytes(shape._replace(ep=64), 64)
+    assert small[:2] == large[:2] and large.scores < small.scores
+
+
+def test_flops_hand_computed():
+    """dense_flops = P T L (2 H (F1_l + F_l) + 2 F_l), here 4 * 10 * 4 * (2 * 16 * 9 + 6) =
+    47040 = T E (2 H (F1 + F) + 2 F) at EP=2 x ETP=2; conventional_flops = 3 T k 2 H (F1 + F)
+    = 3 * 10 * 2 * 2 * 16 * 18 = 34560, the same at any EP."""
+    assert dense_flops(SMALL._replace(ep=2, etp=2)) == 47040 == dense_flops(SMALL)
+    assert conventional_flops(SMALL._replace(ep=4)) == 34560
+
+
+DEVICE = Device("test", bf16_flops=1e6, nvlink_bandwidth=100.0, internode_bandwidth=10.0,
+                gpus_per_node=2, memory=0.0)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "ep, etp, expected",
+    [
+        # Routed bytes 10 * 2 * 16 * 2 = 640. EP=2 fits a node: 640 * 1/2 / 100.
+        (2, 1, 3.2),
+        # EP=4, two members per node: NVLink 640 * 1/4 / 100 = 1.6, IB 640 * 2/4 / 10 = 32.
+        (4, 1, 32.0),
+        # ETP=2 leaves one EP member per node: IB 640 * 3/4 / 10 = 48.
+        (4, 2, 48.0),
+    ],
+)
+def test_all_to_all_seconds_hand_computed(ep, etp, expected):
+    """The conventional layer's all-to-all: the off-node share over the inter-node link."""
+    shape = SMALL._replace(ep=ep, etp=etp, element_size=2, num_experts=8)
+    assert all_to_all_seconds(shape, DEVICE) == pytest.approx(expected)
+
+
+def test_cluster_cost_hand_computed():
+    """cluster_cost at EP=4 on 2-GPU nodes, bf16: the ring spans nodes, so its 2184 bytes
+    (x, g: 3 * 10 * 16 * 2 each; scores 3 * 10 * 2 * 4; counts 24) take 218.4 s at 10 B/s,
+    against 0.04704 s of dense GEMMs; conventional: 0.03456 s of GEMMs + 4 * 32 s of
+    all-to-alls. Overhead 218.4 / 128.03456."""
+    cost = cluster_cost(SMALL._replace(ep=4, element_size=2), DEVICE, chunk_tokens=3)
+    assert cost.spans_nodes and cost.comm.total == 2184 and cost.link_bytes == 1920
+    assert cost.dense_s == pytest.approx(218.4)
+    assert cost.dense_compute_s == pytest.approx(0.04704)
+    assert cost.conventional_s == pytest.approx(128.03456)
+    assert cost.overhead == pytest.approx(218.4 / 128.03456)
+    # One node: NVLink (100 B/s) and no all-to-all leaves the node.
+    local = cluster_cost(SMALL._replace(ep=2, element_size=2), DEVICE, chunk_tokens=3)
+    assert not local.spans_nodes and local.dense_comm_s == pytest.approx(local.comm.total / 100)
+
+
+def test_chunk_tokens_reads_the_options():
+    """The chunk size comes from the options of any config object: the budget over the
+    per-token bytes (4 (128 + 128) + 8 * 64 = 1536 for F=64 gated fp32), or the fixed size."""
+    budget = SimpleNamespace(moe_dense_router_grad_chunk_budget_mb=1.0)
+    assert chunk_tokens(budget, 64, True, 4) == 2**20 // 1536
+    fixed = SimpleNamespace(moe_dense_router_grad_chunk_size=7)
+    assert chunk_tokens(fixed, 64, True, 4) == 7
+
+
+def test_presets_are_consistent():
+    """Every preset's experts split evenly over its EP ranks and F over its expert TP, and
+    every device figure is positive (a typo such as 0 would make the model divide by 0)."""
+    for preset in MODELS.values():
+        s = preset.shape
+        assert s.num_experts % s.ep == 0 and s.ffn % s.etp == 0 and s.tokens > 0
+        assert preset.source and preset.layout
+    for device in DEVICES.values():
+        assert min(device.bf16_flops, device.nvlink_bandwidth, device.internode_bandwidth) > 0
+
+
+def test_cli(capsys):
+    """python -m megatron_densemixer.cost: a preset report, the table (every preset on every
+    device), a preset with an override, and a clear error when a shape flag is missing."""
+    cost_cli.main(["--model", "deepseek-v3", "--device", "h200"])
+    out = capsys.readouterr().out
+    assert "E=256 k=8 H=7168 F=2048" in out and "H200" in out and "overhead" in out
+    cost_cli.main(["--table"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert len(rows) == 1 + len(MODELS) * len(DEVICES)
+    cost_cli.main(["--model", "mixtral-8x7b", "--tokens", "128"])
+    assert "T=128 tokens/rank" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="give --model or all of --topk"):
+        cost_cli.main(["--experts", "8", "--hidden", "64", "--ffn", "32", "--tokens", "16"])

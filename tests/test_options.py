@@ -22,7 +22,7 @@ def test_defaults():
 
 def test_flag_off_skips_validation():
     """Options that DenseMixer rejects are fine for conventional training."""
-    make_config(moe_dense_router_grad=False, moe_expert_capacity_factor=1.0)
+    make_config(moe_dense_router_grad=False, moe_expert_capacity_factor=1.0, moe_router_fusion=True)
 
 
 BAD = [
@@ -48,7 +48,10 @@ BAD = [
         dict(moe_router_load_balancing_type="sinkhorn", moe_aux_loss_coeff=0.0),
         "'sinkhorn' is not supported",
     ),
-    (dict(moe_expert_capacity_factor=1.25), "moe_expert_capacity_factor=1.25 .* not supported"),
+    (
+        dict(moe_expert_capacity_factor=1.25, moe_router_fusion=True),
+        "moe_expert_capacity_factor=1.25 .* requires moe_router_fusion=False",
+    ),
     (
         dict(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True),
         "moe_apply_probs_on_input=True is not supported",

@@ -13,6 +13,7 @@ from tests.support import reference as ref
 from tests.support.builders import (
     HIDDEN,
     build_pair,
+    loop_scores,
     make_config,
     make_expert_weights,
     reference_model,
@@ -20,6 +21,7 @@ from tests.support.builders import (
     rel_err,
     run_layer,
 )
+from tests.support.megatron_cpu import run_distributed
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -53,3 +55,83 @@ def test_chunk_size_does_not_change_the_gradient(chunk_size):
         model, x.reshape(-1, HIDDEN), g.reshape(-1, HIDDEN), routing, dense=True
     )
     assert rel_err(grads["router.weight"], expected.d_router_w) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# The ring exchange over the expert-TP x EP group (gloo processes)
+# --------------------------------------------------------------------------------------
+RING_EXPERTS, RING_HIDDEN, RING_FFN = 8, 8, 6
+
+# name: (expert-TP size, every member's token count, score only sampled pairs). Uneven and
+# empty blocks are what the all-to-all dispatcher can hand the layer.
+RING_CASES = {
+    2: {
+        "ep2": (1, (5, 5), False),
+        "ep2_uneven_pairs": (1, (6, 3), True),
+    },
+    4: {
+        "ep4_uneven_empty": (1, (4, 0, 7, 2), False),
+        "ep4_pairs": (1, (3, 3, 3, 3), True),
+        "ep2_etp2_uneven_pairs": (2, (2, 5, 4, 1), True),
+    },
+}
+
+
+def _expert_tp_shard(w, rank: int, size: int):
+    """Expert TP rank ``rank``'s F-slice of a gated expert: fc1 rows of gate and of up, fc2
+    columns; the replicated fc2 bias is added on expert-TP rank 0 only."""
+
+    def rows(t):
+        gate, up = torch.chunk(t, 2, dim=0)
+        return torch.cat([torch.chunk(gate, size)[rank], torch.chunk(up, size)[rank]])
+
+    fc2 = torch.chunk(w.fc2_weight, size, dim=1)[rank]
+    return type(w)(rows(w.fc1_weight), rows(w.fc1_bias), fc2, w.fc2_bias)
+
+
+def _ring_worker(rank: int, world: int, cases: dict) -> None:
+    """Each member scores its share through DenseReduction over the whole world and checks
+    its rows of G against the float64 loop over all members' tokens and all experts."""
+    import torch.distributed as dist
+
+    from megatron_densemixer.reduction import DenseReduction
+
+    config = SimpleNamespace(gated_linear_unit=True, activation_func=F.silu)
+    for name, (etp, counts, with_pairs) in cases.items():
+        gen = torch.Generator().manual_seed(7)
+        experts = make_expert_weights(RING_EXPERTS, RING_HIDDEN, RING_FFN, glu=True, bias=True)
+        x = torch.randn(sum(counts), RING_HIDDEN, generator=gen, dtype=torch.float64)
+        g = torch.randn(sum(counts), RING_HIDDEN, generator=gen, dtype=torch.float64)
+        pairs = torch.rand(sum(counts), RING_EXPERTS, generator=gen) < 0.5
+        expected = loop_scores(x, g, experts, F.silu, glu=True)
+        if with_pairs:
+            expected = torch.where(pairs, expected, torch.zeros_like(expected))
+        ep_rank, etp_rank = divmod(rank, etp)
+        num_local = RING_EXPERTS // (world // etp)
+        offset = ep_rank * num_local
+        local = [_expert_tp_shard(w, etp_rank, etp) for w in experts[offset : offset + num_local]]
+        reduction = DenseReduction(
+            config=config,
+            chunk_size=2,
+            tp_ep_group=dist.group.WORLD,
+            expert_tp_size=etp,
+            expert_tp_rank=etp_rank,
+            local_expert_offset=offset,
+        )
+        mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
+        got = reduction.scores(x[mine], g[mine], local, pairs[mine] if with_pairs else None)
+        # float64 on both sides, only the summation order differs: agreement to ~1e-14
+        # relative; a block scored by the wrong expert or F-slice, or returned to the wrong
+        # member, is off by O(1).
+        torch.testing.assert_close(
+            got, expected[mine], rtol=1e-10, atol=1e-10, msg=lambda m, name=name: f"{name}: {m}"
+        )
+
+
+@pytest.mark.parametrize("world", sorted(RING_CASES))
+def test_ring_exchange_equals_direct_float64(world):
+    """DenseReduction.scores over EP=2, EP=4 and EP=2 x expert-TP=2 gloo groups, with uneven
+    and empty token blocks and with sampled pairs, equals a direct float64 computation over
+    all tokens: guards the ring's block order, the return of partial scores to their owner,
+    the expert-TP sum and the skipped empty transfers."""
+    run_distributed(_ring_worker, world, RING_CASES[world])

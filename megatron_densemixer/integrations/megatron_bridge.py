@@ -25,7 +25,10 @@ from typing import Any, Callable, Optional, Union
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_densemixer.integrations import require_version
+from megatron_densemixer.moe_layer import check_dense_router_grad_applied
 from megatron_densemixer.options import (
+    OPTION_NAMES,
     DenseMixerOptions,
     check_option_names,
     dense_router_grad_enabled,
@@ -34,6 +37,10 @@ from megatron_densemixer.options import (
 from megatron_densemixer.spec import call_spec_function, densemixer_spec
 
 TARGET_PREFIX = "megatron_densemixer."
+
+# Megatron-Bridge releases this module supports (apply_overrides_and_finalize arrived in 0.5).
+SUPPORTED_BRIDGE = ">=0.5,<0.7"
+TESTED_BRIDGE = "0.5.1, 0.6.2"
 
 SpecOrFunction = Union[ModuleSpec, Callable[..., Any]]
 
@@ -69,6 +76,7 @@ def densemixer_provider_layer_spec(
         if not hasattr(config, name):
             setattr(config, name, value)
     validate_dense_router_grad(config)
+    _record_options_in_spec(config)
     if base_spec is None:
         base_spec = importlib.import_module(
             "megatron.bridge.models.gpt_provider"
@@ -81,6 +89,28 @@ def densemixer_provider_layer_spec(
     return densemixer_spec(spec)
 
 
+def _record_options_in_spec(provider: Any) -> None:
+    """Copies the provider's ``moe_dense_router_grad*`` attributes into its spec partial.
+
+    Options set as attributes after :func:`densemixer_provider` (verl's and Bridge's
+    ``apply_overrides_and_finalize``) are not dataclass fields, so Bridge's ``run_config.yaml``
+    would drop them; the partial's keywords are saved. Done when the model is built, which
+    precedes every checkpoint save.
+    """
+    spec = getattr(provider, "transformer_layer_spec", None)
+    if isinstance(spec, functools.partial) and spec.func is densemixer_provider_layer_spec:
+        values = {name: getattr(provider, name) for name in OPTION_NAMES}
+        provider.transformer_layer_spec = functools.partial(
+            spec.func, *spec.args, **dict(spec.keywords, **values)
+        )
+
+
+def check_built_model(model: list[Any]) -> list[Any]:
+    """Bridge pre-wrap hook: :func:`check_dense_router_grad_applied`, returning ``model``."""
+    check_dense_router_grad_applied(model)
+    return model
+
+
 def densemixer_provider(provider: Any, **options: Any) -> Any:
     """Returns ``provider`` with a DenseMixer-aware ``transformer_layer_spec`` and options.
 
@@ -89,6 +119,11 @@ def densemixer_provider(provider: Any, **options: Any) -> Any:
     Megatron-Bridge's own ``apply_overrides_and_finalize`` does; the ``moe_dense_router_grad*``
     attributes are set too, so attribute-checked overrides (``provider.moe_dense_router_grad
     = True``) are accepted afterwards. Calling it twice does not wrap twice.
+
+    Where the provider has Megatron-Bridge's ``register_pre_wrap_hook``, :func:`check_built_model`
+    is registered, so ``provide_distributed_model`` (and Bridge's ``get_model``) raise if the
+    flag is on but a built MoE layer is not DenseMixer's (e.g. a spec swapped after this call).
+    A bare ``provide()`` runs no hooks.
 
     Args:
         provider: The model provider.
@@ -112,6 +147,9 @@ def densemixer_provider(provider: Any, **options: Any) -> Any:
     for name, value in values.items():
         if name in options or not hasattr(provider, name):
             setattr(provider, name, value)
+    register = getattr(provider, "register_pre_wrap_hook", None)
+    if register is not None and check_built_model not in getattr(provider, "_pre_wrap_hooks", ()):
+        register(check_built_model)
     allow_densemixer_targets(required=False)
     return provider
 
@@ -126,6 +164,10 @@ def allow_densemixer_targets(required: bool = True) -> bool:
 
     Returns:
         Whether the prefix was registered.
+
+    Raises:
+        ImportError: Megatron-Bridge is absent and ``required``, or is an unsupported release
+            (see ``SUPPORTED_BRIDGE``).
     """
     try:
         instantiate_utils = importlib.import_module("megatron.bridge.utils.instantiate_utils")
@@ -136,6 +178,7 @@ def allow_densemixer_targets(required: bool = True) -> bool:
                 "pip install megatron-bridge."
             ) from error
         return False
+    require_version("megatron-bridge", SUPPORTED_BRIDGE, TESTED_BRIDGE)
     register = getattr(instantiate_utils, "register_allowed_target_prefix", None)
     if register is None:
         # Megatron-Bridge releases before the allowlist load any target.
@@ -145,8 +188,10 @@ def allow_densemixer_targets(required: bool = True) -> bool:
 
 
 __all__ = [
+    "SUPPORTED_BRIDGE",
     "TARGET_PREFIX",
     "allow_densemixer_targets",
+    "check_built_model",
     "densemixer_provider",
     "densemixer_provider_layer_spec",
     "provider_options",

@@ -300,6 +300,11 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
         getattr(pretrain_gpt, "add_modelopt_args", None) if has_modelopt else None,
         extra_args_provider,
     )
+    arguments = _import_megatron_lm("megatron.training.arguments")
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        # The in-process-restart wrapper below parses the command line without our provider,
+        # so its --help would list Megatron-LM's flags only. argparse prints and exits here.
+        arguments.parse_args(extra_args_provider=extra_args)
     args_defaults = {"tokenizer_type": "GPT2BPETokenizer"}
     pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(training.pretrain)
     common = dict(
@@ -322,7 +327,6 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
         )
         return
 
-    arguments = _import_megatron_lm("megatron.training.arguments")
     argument_utils = _import_megatron_lm("megatron.training.argument_utils")
     args = arguments.parse_and_validate_args(
         extra_args_provider=extra_args, args_defaults=args_defaults

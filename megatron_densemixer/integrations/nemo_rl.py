@@ -14,7 +14,10 @@ import importlib
 from typing import Any
 
 from megatron_densemixer.integrations import is_patched, mark_patched
-from megatron_densemixer.integrations.megatron_bridge import densemixer_provider
+from megatron_densemixer.integrations.megatron_bridge import (
+    allow_densemixer_targets,
+    densemixer_provider,
+)
 from megatron_densemixer.options import split_options
 
 
@@ -36,10 +39,13 @@ def patch_nemo_rl_model_overrides() -> None:
     merge = getattr(setup, "_merge_model_overrides", None)
     if merge is None:
         raise ImportError(
-            "nemo_rl.models.megatron.setup._merge_model_overrides is gone in this NeMo-RL; "
-            "call megatron_densemixer.integrations.megatron_bridge.densemixer_provider on the "
-            "provider instead."
+            "nemo_rl.models.megatron.setup._merge_model_overrides is missing: supported is "
+            "NeMo-RL main with policy.megatron_cfg.model_overrides (v0.7.0 and earlier have no "
+            "such key). On those, call megatron_densemixer.integrations.megatron_bridge."
+            "densemixer_provider on the provider in your own setup code instead."
         )
+    # The provider's spec is saved with NeMo-RL's checkpoints; loading one needs the allowlist.
+    allow_densemixer_targets(required=False)
     if is_patched(merge):
         return
 

@@ -29,8 +29,12 @@ import functools
 import importlib
 from typing import Any, Callable
 
-from megatron_densemixer.integrations import is_patched, mark_patched
-from megatron_densemixer.integrations.megatron_bridge import densemixer_provider
+from megatron_densemixer.integrations import is_patched, mark_patched, require_version
+from megatron_densemixer.integrations.megatron_bridge import (
+    SUPPORTED_BRIDGE,
+    TESTED_BRIDGE,
+    densemixer_provider,
+)
 from megatron_densemixer.moe_layer import check_dense_router_grad_applied
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
@@ -53,12 +57,24 @@ def spec_for(config: Any, spec: Any) -> Any:
     return densemixer_spec(spec) if dense_router_grad_enabled(config) else spec
 
 
+# Releases each path supports: verl 0.9 (its Megatron-Bridge default path and
+# apply_overrides_and_finalize), mbridge as verl 0.9 installs it.
+SUPPORTED_VERL = ">=0.9,<0.10"
+SUPPORTED_MBRIDGE = ">=0.15,<0.16"
+
+
 def _import(module: str) -> Any:
-    """The module, or None when its package is not installed (that path is not in use)."""
+    """The module, or None when its package is not installed (that path is not in use).
+
+    A package that is installed but fails to import (a missing dependency of its own) raises:
+    skipping it would leave ``moe_dense_router_grad`` silently unapplied on that path.
+    """
     try:
         return importlib.import_module(module)
-    except ImportError:
-        return None
+    except ModuleNotFoundError as error:
+        if error.name is not None and module.startswith(error.name):
+            return None
+        raise
 
 
 def _target(module: Any, owner: Any, name: str) -> Callable[..., Any]:
@@ -78,6 +94,7 @@ def patch_megatron_bridge() -> bool:
     module = _import("megatron.bridge.models.conversion.auto_bridge")
     if module is None:
         return False
+    require_version("megatron-bridge", SUPPORTED_BRIDGE, TESTED_BRIDGE)
     original = _target(module, module.AutoBridge, "to_megatron_provider")
     if is_patched(original):
         return True
@@ -96,6 +113,7 @@ def patch_mbridge() -> bool:
     llm_module = _import("mbridge.core.llm_bridge")
     if bridge_module is None or llm_module is None:
         return False
+    require_version("mbridge", SUPPORTED_MBRIDGE, "0.15.1")
     bridge_cls, llm_cls = bridge_module.Bridge, llm_module.LLMBridge
     set_extra_args = _target(bridge_module, bridge_cls, "set_extra_args")
     layer_spec = _target(llm_module, llm_cls, "_get_transformer_layer_spec")
@@ -134,6 +152,7 @@ def patch_verl_no_bridge() -> bool:
     initializer = _import("verl.models.mcore.model_initializer")
     if converter is None or initializer is None:
         return False
+    require_version("verl", SUPPORTED_VERL, "0.9.1")
     construct = _target(converter, converter, "check_and_construct_configs")
     block_spec = _target(initializer, initializer, "get_gpt_decoder_block_spec")
     if is_patched(construct):
@@ -157,7 +176,9 @@ def enable() -> list[str]:
     """Patches every installed verl model path; returns the names of those patched.
 
     Raises:
-        ImportError: None of the paths is installed, or an installed one has changed.
+        ImportError: None of the paths is installed, an installed one has changed, or one is
+            an unsupported release (``SUPPORTED_VERL``, ``SUPPORTED_MBRIDGE``,
+            ``SUPPORTED_BRIDGE``).
     """
     patched = [
         name

@@ -1,8 +1,11 @@
 """Megatron-Bridge providers (NeMo-RL, verl's default path) made DenseMixer ones.
 
 A stand-in provider (a TransformerConfig dataclass with a ``transformer_layer_spec`` field, as
-GPTModelProvider is) covers the logic with megatron-core alone; the allowlist test needs
-Megatron-Bridge itself and is skipped where it is not installed.
+GPTModelProvider is) covers the logic with megatron-core alone. The tests after it drive the
+installed Megatron-Bridge (0.5.x, 0.6.x: Python 3.12, so the 3.12 lane of ``make test-matrix``):
+a Qwen3-MoE provider made by Bridge's own ``AutoBridge.from_hf_config`` from a tiny config (no
+download), built and trained one step on CPU, saved and loaded through Bridge's allowlist, and
+verl's ``apply_overrides_and_finalize`` path. They skip, with the reason, where Bridge is absent.
 """
 
 from __future__ import annotations
@@ -13,13 +16,22 @@ import inspect
 from typing import Any
 
 import pytest
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer import DenseMixerMoELayer
+from megatron_densemixer import DenseMixerMoELayer, DenseMixerTopKRouter
 from megatron_densemixer.integrations import megatron_bridge
-from tests.support.builders import MOE_FIELDS, mlp_modules
+from tests.support import reference as ref
+from tests.support import transformer_engine_stub
+from tests.support.builders import (
+    MOE_FIELDS,
+    mlp_modules,
+    reference_model,
+    reference_routing,
+    rel_err,
+)
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -109,13 +121,212 @@ def test_spec_target_is_a_public_module_level_function():
     assert path.startswith(megatron_bridge.TARGET_PREFIX)
 
 
-def test_megatron_bridge_allowlist_accepts_the_target():
-    """Against Megatron-Bridge's own allowlist (its instantiate_utils)."""
-    instantiate_utils = pytest.importorskip(
-        "megatron.bridge.utils.instantiate_utils",
-        reason="Megatron-Bridge is not installed (needs Python >= 3.12 for current releases)",
+# --------------------------------------------------------------------------------------
+# Against the installed Megatron-Bridge
+# --------------------------------------------------------------------------------------
+needs_bridge = pytest.mark.skipif(
+    not transformer_engine_stub.megatron_bridge_installed(),
+    reason="Megatron-Bridge is not installed (its releases need Python >= 3.12: the 3.12 lane "
+    "of make test-matrix installs it)",
+)
+
+# Qwen3-MoE with 2 layers, 4 experts, top-2: every field Bridge's Qwen3 MoE bridge reads.
+TINY_QWEN3_MOE = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    moe_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=32,
+    architectures=["Qwen3MoeForCausalLM"],
+    dtype="float32",
+)
+
+# verl's provider overrides (MegatronEngine, moe_token_dispatcher_type and the load balancing
+# it forces), plus what CPU needs: no Transformer Engine, apex or CUDA fusions, local attention.
+CPU_OVERRIDES = dict(
+    moe_token_dispatcher_type="alltoall",
+    moe_router_load_balancing_type="none",
+    variable_seq_lengths=True,
+    use_cpu_initialization=True,
+    moe_grouped_gemm=False,
+    moe_permute_fusion=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+)
+
+
+@pytest.fixture(scope="module")
+def bridge(model_parallel):
+    """Megatron-Bridge's modules, imported with the Transformer Engine stub; CPU layer specs.
+
+    Bridge's default layer spec is Transformer Engine's; on CPU its
+    ``transformer_engine_layer_spec`` answers with Bridge's own ``local_layer_spec`` (same
+    fields, local modules).
+    """
+    transformer_engine_stub.import_megatron_bridge()
+    from megatron.bridge.models import gpt_provider
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+    from megatron.bridge.utils import instantiate_utils
+    from megatron.core.transformer.enums import AttnBackend
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(gpt_provider, "transformer_engine_layer_spec", gpt_provider.local_layer_spec)
+    yield {
+        "AutoBridge": AutoBridge,
+        "gpt_provider": gpt_provider,
+        "instantiate_utils": instantiate_utils,
+        "overrides": dict(CPU_OVERRIDES, attention_backend=AttnBackend.local),
+    }
+    patch.undo()
+
+
+def qwen3_moe_provider(bridge) -> Any:
+    """A fresh provider from Bridge's Qwen3-MoE bridge, as verl and NeMo-RL get one."""
+    import transformers
+
+    config = transformers.Qwen3MoeConfig(**TINY_QWEN3_MOE)
+    auto_bridge = bridge["AutoBridge"].from_hf_config(config)
+    # verl's external lib (test_verl.py, same process) may have patched it: take Bridge's own.
+    to_provider = type(auto_bridge).to_megatron_provider
+    return getattr(to_provider, "__wrapped__", to_provider)(auto_bridge, load_weights=False)
+
+
+def build(provider: Any) -> Any:
+    torch.manual_seed(0)
+    return provider.provide(pre_process=True, post_process=True)
+
+
+def moe_layers(model: Any) -> list[Any]:
+    return [m for m in model.modules() if isinstance(m, MoELayer)]
+
+
+def train_step(model: Any) -> tuple[torch.Tensor, dict[int, dict[str, torch.Tensor]]]:
+    """Forward + backward of one batch; each MoE layer's input x and output gradient g."""
+    seen: dict[int, dict[str, torch.Tensor]] = {}
+    handles = []
+    for i, layer in enumerate(moe_layers(model)):
+
+        def hook(module, args, output, i=i):
+            seen[i] = {"x": args[0].detach().clone()}
+            output[0].register_hook(lambda grad: seen[i].__setitem__("g", grad.detach().clone()))
+
+        handles.append(layer.register_forward_hook(hook))
+    gen = torch.Generator().manual_seed(1)
+    tokens = torch.randint(0, 64, (2, 8), generator=gen)
+    position_ids = torch.arange(8).expand(2, 8)
+    # Causal mask made explicitly: GPTModel's default one is created on "cuda".
+    mask = torch.triu(torch.ones(8, 8, dtype=torch.bool), diagonal=1)[None, None]
+    loss = model(tokens, position_ids, mask, labels=tokens).mean()
+    loss.backward()
+    for handle in handles:
+        handle.remove()
+    return loss.detach(), seen
+
+
+@needs_bridge
+def test_bridge_qwen3_moe_provider_builds_densemixer_layers_and_trains(bridge):
+    """Bridge's Qwen3-MoE provider, wrapped: DenseMixer MoE layers, the unwrapped provider's
+    parameter names, the conventional loss bitwise, and after one training step on CPU each
+    router's gradient equals the float64 DenseMixer reference on the x and g the layer saw.
+
+    Guards against Bridge's provider building conventional layers under the flag (its spec
+    callable bypassed) and against a renamed parameter (Bridge's HF weight mapping is by name).
+    Tolerance 1e-5 norm-relative: fp32 against float64, as in test_moe_layer; the dense and
+    conventional references differ by more than 1e-2 here, so a conventional gradient fails.
+    """
+    plain = qwen3_moe_provider(bridge)
+    plain.apply_overrides_and_finalize(dtype=torch.float32, overrides=bridge["overrides"])
+    wrapped = megatron_bridge.densemixer_provider(
+        qwen3_moe_provider(bridge), moe_dense_router_grad=True
     )
-    function = megatron_bridge.densemixer_provider_layer_spec
-    target = f"{function.__module__}.{function.__qualname__}"
+    wrapped.apply_overrides_and_finalize(dtype=torch.float32, overrides=bridge["overrides"])
+    conventional, dense = build(plain), build(wrapped)
+
+    assert [type(m) for m in moe_layers(conventional)] == [MoELayer] * 2
+    assert [type(m) for m in moe_layers(dense)] == [DenseMixerMoELayer] * 2
+    assert all(type(m.router) is DenseMixerTopKRouter for m in moe_layers(dense))
+    names = [name for name, _ in dense.named_parameters()]
+    assert names == [name for name, _ in conventional.named_parameters()]
+    conventional.load_state_dict(dense.state_dict())
+
+    conventional_loss, _ = train_step(conventional)
+    loss, seen = train_step(dense)
+    assert torch.equal(loss, conventional_loss), "the forward must stay conventional"
+    for i, layer in enumerate(moe_layers(dense)):
+        x, g = seen[i]["x"].reshape(-1, 16), seen[i]["g"].reshape(-1, 16)
+        model_ref, routing = reference_model(layer, wrapped), reference_routing(layer, wrapped)
+        expected = ref.reference(model_ref, x, g, routing, dense=True)
+        expected_conv = ref.reference(model_ref, x, g, routing, dense=False)
+        assert rel_err(expected.d_router_w, expected_conv.d_router_w) > 1e-2
+        assert rel_err(layer.router.weight.grad, expected.d_router_w) < 1e-5, i
+
+    before = {n: p.detach().clone() for n, p in dense.named_parameters()}
+    torch.optim.SGD(dense.parameters(), lr=0.1).step()
+    for name, param in dense.named_parameters():
+        if "router" in name:
+            assert torch.isfinite(param).all() and not torch.equal(param, before[name]), name
+
+
+@needs_bridge
+def test_bridge_verl_path_apply_overrides_and_finalize(bridge):
+    """verl's Bridge path: the provider from to_megatron_provider, then
+    apply_overrides_and_finalize(overrides={..., moe_dense_router_grad: True}), then
+    provide_distributed_model. Guards the attribute check that makes Bridge raise
+    AttributeError for a field the provider lacks, and the pre-wrap hook that refuses a model
+    whose spec was swapped after wrapping (verl's QAT path assigns transformer_layer_spec)."""
+    overrides = dict(bridge["overrides"], moe_dense_router_grad=True)
+    with pytest.raises(AttributeError, match="moe_dense_router_grad"):
+        qwen3_moe_provider(bridge).apply_overrides_and_finalize(overrides=overrides)
+
+    provider = megatron_bridge.densemixer_provider(qwen3_moe_provider(bridge))
+    provider.apply_overrides_and_finalize(dtype=torch.float32, overrides=overrides)
+    (model,) = provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    assert [type(m) for m in moe_layers(model)] == [DenseMixerMoELayer] * 2
+
+    provider.transformer_layer_spec = bridge["gpt_provider"].local_layer_spec
+    with pytest.raises(RuntimeError, match="would train conventionally"):
+        provider.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+
+    off = megatron_bridge.densemixer_provider(qwen3_moe_provider(bridge))
+    off.apply_overrides_and_finalize(dtype=torch.float32, overrides=bridge["overrides"])
+    (model,) = off.provide_distributed_model(wrap_with_ddp=False, use_cpu_initialization=True)
+    assert [type(m) for m in moe_layers(model)] == [MoELayer] * 2
+
+
+@needs_bridge
+def test_bridge_saved_provider_loads_through_the_allowlist(bridge, tmp_path):
+    """A provider whose flag came as an override (not a spec keyword) is built, saved with
+    Bridge's save_hf_pretrained and loaded with from_hf_pretrained, which instantiates every
+    _target_ through Bridge's allowlist: the loaded provider builds DenseMixer layers again.
+
+    Guards against the override being lost on save (attributes that are not dataclass fields
+    are not written) and against the spec callable being refused on load.
+    """
+    instantiate_utils = bridge["instantiate_utils"]
+    with pytest.raises(Exception, match="not in the allowlist"):
+        instantiate_utils._validate_target_prefix(target="not_allowlisted.f", full_key="x")
+
+    provider = megatron_bridge.densemixer_provider(qwen3_moe_provider(bridge))
+    provider.apply_overrides_and_finalize(
+        dtype=torch.float32, overrides=dict(bridge["overrides"], moe_dense_router_grad=True)
+    )
+    build(provider)
+    provider.save_hf_pretrained(tmp_path)
+
     assert megatron_bridge.allow_densemixer_targets() is True
-    instantiate_utils._validate_target_prefix(target=target, full_key="transformer_layer_spec")
+    loaded = type(provider).from_hf_pretrained(tmp_path, trust_remote_code=True)
+    spec = loaded.transformer_layer_spec
+    assert spec.func is megatron_bridge.densemixer_provider_layer_spec
+    assert spec.keywords["moe_dense_router_grad"] is True
+    assert spec.keywords["base_spec"] is bridge["gpt_provider"].default_layer_spec
+    assert [type(m) for m in moe_layers(build(loaded))] == [DenseMixerMoELayer] * 2

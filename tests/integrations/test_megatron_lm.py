@@ -97,6 +97,8 @@ def test_flags_parse_into_config_field_names():
         "moe_dense_router_grad_topm": 3,
         "moe_dense_router_grad_token_fraction": 0.5,
     }
+    # Options without a flag here keep their defaults.
+    expected = {**megatron_lm.densemixer_options_from_args(parse([])), **expected}
     flags = [flag for flag, _ in FLAGS_AND_OLD_SPELLINGS]
     assert megatron_lm.densemixer_options_from_args(parse(flags)) == expected
     old_spellings = [old for _, old in FLAGS_AND_OLD_SPELLINGS]
@@ -190,6 +192,29 @@ def megatron_args(arguments, monkeypatch, *extra: str) -> argparse.Namespace:
     # Set by Megatron-LM's tokenizer setup in a real run.
     args.padded_vocab_size = 64
     return args
+
+
+@needs_megatron_lm
+def test_launcher_help_with_megatron_lm():
+    """--help with a Megatron-LM checkout lists Megatron-LM's flags and the DenseMixer ones.
+
+    Guards the regression where Megatron-LM's in-process-restart wrapper parsed the command
+    line (and printed its help) before the launcher's extra_args_provider was added.
+    """
+    launcher = os.path.join(os.path.dirname(__file__), "..", "..", "examples")
+    result = subprocess.run(
+        [sys.executable, os.path.join(launcher, "pretrain_gpt_densemixer.py"), "--help"],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, MEGATRON_LM_PATH=MEGATRON_LM_PATH),
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "--num-experts" in result.stdout and "--moe-router-topk" in result.stdout
+    assert "DenseMixer (megatron-densemixer)" in result.stdout
+    for flag, old in FLAGS_AND_OLD_SPELLINGS:
+        assert flag.split("=")[0] in result.stdout and old.split("=")[0] in result.stdout
+    assert "Megatron-LM not found" not in result.stdout
 
 
 @needs_megatron_lm

@@ -1,27 +1,41 @@
 """verl's external_lib: moe_dense_router_grad through override_transformer_config.
 
-Drives the real verl and mbridge packages (verl's vanilla-mbridge and no-bridge paths); skipped
-where they are not installed. The Megatron-Bridge path is covered by test_megatron_bridge.py's
-provider tests, since it goes through the same densemixer_provider.
+Drives the installed verl 0.9, mbridge and Megatron-Bridge (the 3.12 lane of
+``make test-matrix`` with megatron-core 0.18: verl 0.9's own pins): verl's default
+Megatron-Bridge path (through verl's own ``verl.models.mcore.bridge`` import), the vanilla
+mbridge path and the no-bridge path. Skipped, with the reason, where verl is not installed.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import types
+
 import pytest
 import torch
 
-pytest.importorskip(
-    "verl.models.mcore.config_converter",
-    reason="verl (with its Megatron model code) is not installed in this venv",
-)
+from tests.support import transformer_engine_stub
+
+if importlib.util.find_spec("verl") is None:
+    pytest.skip(
+        "verl is not installed in this venv (make test-matrix installs verl 0.9.1 in the "
+        "megatron-core 0.18 lane)",
+        allow_module_level=True,
+    )
+if transformer_engine_stub.megatron_bridge_installed():
+    # Megatron-Bridge must import (it needs Transformer Engine at import) before the external
+    # lib patches it, as in a verl worker.
+    transformer_engine_stub.import_megatron_bridge()
 transformers = pytest.importorskip("transformers", reason="transformers is not installed")
 
 from megatron.core.models.gpt import gpt_layer_specs  # noqa: E402
+from megatron.core.transformer.enums import AttnBackend  # noqa: E402
+from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
 
 from megatron_densemixer import DenseMixerMoELayer  # noqa: E402
+from megatron_densemixer.integrations import require_version  # noqa: E402
 from megatron_densemixer.integrations import verl as dm_verl  # noqa: E402
 from tests.support.builders import mlp_modules  # noqa: E402
-from tests.support.megatron_cpu import build_moe_layer  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -103,24 +117,96 @@ def test_vanilla_mbridge_config_and_spec(monkeypatch):
     assert bridge.config.moe_dense_router_grad is True
 
 
-def test_check_built_refuses_silent_no_op():
-    """A bridge whose spec bypasses the patch must fail, not train conventionally."""
-    config = dm_verl.apply_options(_moe_config(), {"moe_dense_router_grad": True})
-    conventional = build_moe_layer(config)
-    with pytest.raises(RuntimeError, match="without DenseMixerMoELayer"):
-        dm_verl._check_built(config, [torch.nn.ModuleList([conventional])], "test bridge")
+def test_vanilla_mbridge_get_model_builds_densemixer_layers(monkeypatch):
+    """mbridge's own get_model (verl's vanilla path) builds DenseMixer layers under the flag,
+    and its patched get_model refuses a model whose spec bypassed the patch."""
+    mbridge = pytest.importorskip("mbridge", reason="mbridge is not installed")
+    from mbridge.core import llm_bridge, util
 
+    monkeypatch.setattr(llm_bridge, "get_gpt_decoder_block_spec", local_block_spec)
+    if not hasattr(util.ModelType, "encoder_and_decoder"):
+        # mbridge 0.15.1's get_model compares with ModelType.encoder_and_decoder, which
+        # megatron-core 0.18 removed (upstream, DenseMixer or not): give it a distinct value.
+        members = dict(encoder_or_decoder=util.ModelType.encoder_or_decoder)
+        monkeypatch.setattr(
+            util, "ModelType", types.SimpleNamespace(encoder_and_decoder=object(), **members)
+        )
+    from verl.models.mcore.config_converter import get_hf_rope_theta
 
-def _moe_config():
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    hf_config = tiny_qwen3_moe()
+    # What verl's make_megatron_module does first: transformers 5 keeps rope_theta inside
+    # rope_parameters, and mbridge reads hf_config.rope_theta.
+    hf_config.rope_theta = get_hf_rope_theta(hf_config)
+    bridge = mbridge.AutoBridge.from_config(hf_config, dtype=torch.float32)
+    bridge.set_extra_args(moe_dense_router_grad=True, **CPU_ARGS)
+    # mbridge moves the model to CUDA unless it is built on the meta device.
+    kwargs = dict(wrap_with_ddp=False, bf16=False, init_model_with_meta_device=True)
+    (model,) = bridge.get_model(**kwargs)
+    assert mlp_types(model) == [DenseMixerMoELayer] * 2
 
-    return TransformerConfig(
-        num_layers=1,
-        hidden_size=16,
-        num_attention_heads=4,
-        ffn_hidden_size=24,
-        num_moe_experts=4,
-        moe_router_topk=2,
-        moe_token_dispatcher_type="allgather",
-        use_cpu_initialization=True,
+    # A spec that bypasses the patch (the unpatched local spec) must not train silently.
+    monkeypatch.setattr(
+        type(bridge),
+        "_get_transformer_layer_spec",
+        lambda self, *a, **k: local_block_spec(self.config),
     )
+    with pytest.raises(RuntimeError, match="would train conventionally"):
+        bridge.get_model(**kwargs)
+
+
+def test_megatron_bridge_path_through_verls_import():
+    """verl's default path: verl.models.mcore.bridge.AutoBridge (Megatron-Bridge's, patched)
+    returns a provider that takes moe_dense_router_grad in apply_overrides_and_finalize and
+    builds DenseMixer layers; without the flag it stays conventional."""
+    if "megatron-bridge" not in dm_verl.PATCHED_PATHS:
+        pytest.skip("Megatron-Bridge is not installed in this venv")
+    from megatron.bridge.models import gpt_provider
+    from verl.models.mcore.bridge import AutoBridge
+
+    cpu = dict(CPU_ARGS, moe_token_dispatcher_type="alltoall")
+    with pytest.MonkeyPatch.context() as patch:
+        # No Transformer Engine: Bridge's TE layer spec answers with its own local one.
+        patch.setattr(gpt_provider, "transformer_engine_layer_spec", gpt_provider.local_layer_spec)
+        for flag, expected in ((True, DenseMixerMoELayer), (False, MoELayer)):
+            provider = AutoBridge.from_hf_config(tiny_qwen3_moe()).to_megatron_provider(
+                load_weights=False
+            )
+            provider.apply_overrides_and_finalize(
+                dtype=torch.float32, overrides=dict(cpu, moe_dense_router_grad=flag)
+            )
+            (model,) = provider.provide_distributed_model(
+                wrap_with_ddp=False, use_cpu_initialization=True
+            )
+            assert mlp_types(model) == [expected] * 2
+
+
+def test_unsupported_versions_are_refused(monkeypatch):
+    """A verl, mbridge or Megatron-Bridge release outside the supported ones stops the
+    external lib with a message naming the supported releases and the one found."""
+    import importlib.metadata
+
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.10.0")
+    with pytest.raises(ImportError, match=r"supports verl >=0.9,<0.10 .*found verl 0.10.0"):
+        require_version("verl", dm_verl.SUPPORTED_VERL, "0.9.1")
+    monkeypatch.undo()
+    require_version("verl", dm_verl.SUPPORTED_VERL, "0.9.1")
+
+
+# CPU: no Transformer Engine, apex or CUDA fusions; local attention (GPTModel records the
+# backend in process-wide NVTE_* variables, so every model here uses the same one).
+CPU_ARGS = dict(
+    attention_backend=AttnBackend.local,
+    use_cpu_initialization=True,
+    moe_grouped_gemm=False,
+    moe_permute_fusion=False,
+    gradient_accumulation_fusion=False,
+    apply_rope_fusion=False,
+    bias_activation_fusion=False,
+    bias_dropout_fusion=False,
+    masked_softmax_fusion=False,
+    persist_layer_norm=False,
+)
+
+
+def mlp_types(model):
+    return [type(layer.mlp) for layer in model.decoder.layers]

@@ -258,6 +258,36 @@ def _patch_rng() -> None:
     mrandom._set_cuda_rng_state = _set_cuda_rng_state
 
 
+class _TorchWithCpuForCuda(types.ModuleType):
+    """``torch`` as Megatron's pipeline schedules see it: ``device="cuda"`` means the CPU.
+
+    Each ``forward_backward_*`` function counts tokens in
+    ``torch.zeros([], dtype=torch.int, device="cuda")``; everything else is plain torch.
+    """
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if kwargs.get("device") == "cuda":
+            kwargs["device"] = _CPU
+        return torch.zeros(*args, **kwargs)
+
+
+def _patch_pipeline_schedules() -> None:
+    from megatron.core.pipeline_parallel import schedules
+
+    # The schedules' token counter is made on "cuda" (see _TorchWithCpuForCuda); the p2p
+    # layer calls torch.cuda.synchronize() after batched send/recv, a no-op need on CPU.
+    if not isinstance(schedules.torch, _TorchWithCpuForCuda):
+        schedules.torch = _TorchWithCpuForCuda()
+    torch.cuda.synchronize = lambda *args, **kwargs: None  # type: ignore[assignment]
+
+
 def apply_cpu_shim() -> None:
     """Apply every CPU patch to Megatron Core / torch.cuda; safe to call many times.
 
@@ -271,6 +301,7 @@ def apply_cpu_shim() -> None:
     _patch_alltoall_dispatcher()
     _patch_mappings()
     _patch_rng()
+    _patch_pipeline_schedules()
     _SHIM_APPLIED = True
 
 
@@ -333,14 +364,18 @@ def init_model_parallel(
     etp: int | None = None,
     pp: int = 1,
     seed: int | None = 1234,
+    cp: int = 1,
+    vpp: int | None = None,
 ) -> None:
     """Apply the shim and initialise Megatron's ``parallel_state``.
 
     ``torch.distributed`` should already be initialised (gloo); if it is not, a world of
-    size 1 is created (:func:`init_process_group_single`).  Any previous Megatron parallel
-    state is destroyed first.  ``etp`` is ``expert_tensor_parallel_size`` (Megatron's
-    default, ``None``, means "same as ``tp``").  If ``seed`` is not None the RNG tracker
-    is seeded via ``model_parallel_cuda_manual_seed(seed)`` -- Megatron's layers fork the
+    size 1 is created (:func:`init_process_group_single`). A previous Megatron parallel
+    state with another layout is destroyed first; the same layout keeps its groups. ``etp``
+    is ``expert_tensor_parallel_size`` (Megatron's default, ``None``, means "same as
+    ``tp``"); ``cp`` the context-parallel size and ``vpp`` the virtual pipeline size (model
+    chunks per pipeline rank, None for none). If ``seed`` is not None the RNG tracker is
+    seeded via ``model_parallel_cuda_manual_seed(seed)`` -- Megatron's layers fork the
     tracker during weight init, so this is needed before building any layer.
     """
     apply_cpu_shim()
@@ -349,18 +384,41 @@ def init_model_parallel(
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tp,
-        pipeline_model_parallel_size=pp,
-        expert_model_parallel_size=ep,
-        expert_tensor_parallel_size=etp,
-        # The default group backend is already gloo; extra gloo copies only cost time.
-        create_gloo_process_groups=False,
-    )
+    layout = (tp, ep, etp or tp, pp, cp, vpp)
+    # Every new process group starts gloo threads that live as long as the process: re-use
+    # the groups when the layout is unchanged (a process building many models would
+    # otherwise accumulate thousands of threads).
+    if _current_layout() != layout:
+        if parallel_state.model_parallel_is_initialized():
+            parallel_state.destroy_model_parallel()
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            virtual_pipeline_model_parallel_size=vpp,
+            context_parallel_size=cp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=etp,
+            # The default group backend is already gloo; extra gloo copies only cost time.
+            create_gloo_process_groups=False,
+        )
     if seed is not None:
         model_parallel_cuda_manual_seed(seed)
+
+
+def _current_layout() -> tuple | None:
+    """(tp, ep, etp, pp, cp, vpp) of Megatron's current parallel state, or None."""
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        return None
+    return (
+        ps.get_tensor_model_parallel_world_size(),
+        ps.get_expert_model_parallel_world_size(),
+        ps.get_expert_tensor_parallel_world_size(),
+        ps.get_pipeline_model_parallel_world_size(),
+        ps.get_context_parallel_world_size(),
+        ps.get_virtual_pipeline_model_parallel_world_size(),
+    )
 
 
 def destroy_model_parallel() -> None:

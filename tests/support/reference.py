@@ -10,11 +10,17 @@ Loops over tokens and experts and writes the router gradient out as explicit for
                 (conventional training: 0 for j not in K)
     dL/dz     = (ds/dz)^T dL/ds,   dL/dW_r = dL/dz^T x,   dL/dx_router = dL/dz W_r
 
+With token dropping, K is the top-k pairs that survived capacity and T the top-k before
+dropping: S = sum_{j in T} s_j, weights c s_e / S on K, the conventional term above for
+every j in T (a dropped j gets only its share of S: c (0 - sum_K ...) / S) and the dense
+term for every j not in K.
+
 Only the conventional expert path of dL/dx and the aux/z losses use float64 autograd.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional
 
@@ -122,11 +128,15 @@ def reference(
     r: Routing,
     dense: bool,
     forced_selection: Optional[torch.Tensor] = None,
+    kept: Optional[torch.Tensor] = None,
 ) -> Result:
     """Forward value and gradients of loss = sum(y * g) (+ aux/z losses) in float64.
 
-    ``forced_selection`` (bool [T, E]) is the set K of every token, as routing replay
-    imposes it (an empty row routes that token nowhere); None selects K from the scores.
+    ``forced_selection`` (bool [T, E]) is the top-k set of every token, as routing replay
+    imposes it (an empty row routes that token nowhere); None selects it from the scores.
+    ``kept`` (bool [T, E]) marks the top-k pairs that survived token dropping; the others
+    count for S but not for the output. None keeps every pair. ``Result.selected`` is the
+    kept set K.
     """
     x = x.to(f64)
     g = g.to(f64)
@@ -147,14 +157,16 @@ def reference(
     ds = torch.zeros(num_tokens, num_experts, dtype=f64)
     for t in range(num_tokens):
         if forced_selection is None:
-            K = _select(s[t], z[t], r)
+            top = _select(s[t], z[t], r)
         else:
-            K = forced_selection[t].nonzero()[:, 0].tolist()
-        selected[t, K] = True
-        if not K:
-            # Routed nowhere (padding exclusion, dropping): no output, no router gradient.
+            top = forced_selection[t].nonzero()[:, 0].tolist()
+        if not top:
+            # Routed nowhere (padding exclusion, an empty replayed row): no output, no
+            # router gradient.
             continue
-        S = sum(s[t, e] for e in K) + eps
+        K = [e for e in top if kept is None or kept[t, e]]
+        selected[t, K] = True
+        S = sum(s[t, e] for e in top) + eps
         for e in K:
             weights[t, e] = c * s[t, e] / S if r.renormalised else c * s[t, e]
             y[t] += weights[t, e] * outputs[t, e]
@@ -162,10 +174,11 @@ def reference(
         for j in range(num_experts):
             if not r.renormalised:
                 ds[t, j] = c * G[t, j] if (j in K or dense) else 0.0
-            elif j in K:
-                ds[t, j] = c * (G[t, j] - baseline) / S
-            elif dense:
-                ds[t, j] = c * (G[t, j] if r.variant == "partscale" else G[t, j] - baseline) / S
+                continue
+            if j in top:  # the conventional term: j's weight, or only its share of S
+                ds[t, j] = c * ((G[t, j] if j in K else 0.0) - baseline) / S
+            if dense and j not in K:
+                ds[t, j] += c * (G[t, j] if r.variant == "partscale" else G[t, j] - baseline) / S
 
     # ds/dz for each score function.
     if r.score_function == "softmax":
@@ -225,3 +238,22 @@ def _aux_grad(z: torch.Tensor, selected: torch.Tensor, r: Routing) -> torch.Tens
         return torch.zeros_like(z)
     (dz,) = torch.autograd.grad(loss, z)
     return dz
+
+
+def expert_capacity(num_tokens: int, topk: int, num_experts: int, capacity_factor: float) -> int:
+    """Tokens each expert takes under token dropping: ceil(T k / E * capacity factor)."""
+    return math.ceil(num_tokens * topk / num_experts * capacity_factor)
+
+
+def keep_by_probs(weights: torch.Tensor, capacity: int) -> torch.Tensor:
+    """The "probs" drop policy: each expert keeps its ``capacity`` highest-weight tokens.
+
+    ``weights`` [T, E] are the top-k weights (0 off the top-k); returns the kept top-k pairs,
+    bool [T, E], one expert and one token at a time.
+    """
+    kept = torch.zeros(weights.shape, dtype=torch.bool)
+    for e in range(weights.shape[1]):
+        tokens = [t for t in range(weights.shape[0]) if weights[t, e] > 0]
+        for t in sorted(tokens, key=lambda t: -weights[t, e].item())[:capacity]:
+            kept[t, e] = True
+    return kept
