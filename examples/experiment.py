@@ -312,6 +312,7 @@ def main() -> None:
     cache = os.path.join(args.out, f"{args.name}_seeds")
     os.makedirs(cache, exist_ok=True)
     done = {} if args.fresh else _cached_seeds(cache, cfg, arms, seed_list)
+    reused = list(done)
     if done:
         print(f"reusing seeds {sorted(done)} from {cache} (--fresh recomputes them)")
     jobs = [(cfg, seed, arms) for seed in seed_list if seed not in done]
@@ -354,6 +355,7 @@ def main() -> None:
                 "wall_time_s": wall,
                 "cpu_time_s": cpu,
                 "runs_cpu_time_s": runs_cpu,
+                "reused_seeds": sorted(reused),
                 "summary": summary,
                 "seeds": seeds,
             },

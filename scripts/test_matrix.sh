@@ -30,9 +30,11 @@ BRIDGE_DEPS=(
     "transformers==5.8.1" "omegaconf>=2.3" "hydra-core==1.3.2" einops rich six regex pyyaml tqdm
     requests "nvidia-modelopt==0.44.0"
 )
-# verl 0.9.1's Megatron model code, minus its runtime (ray workers, vLLM/SGLang, flash-attn):
-# see VERL_DEPS_NOTE in the README section of the matrix.
-VERL_DEPS=("mbridge==0.15.1" "tensordict==0.10.0" codetiming dill pandas "pyarrow>=19" ray)
+# verl 0.9.1 goes in --no-deps, with what importing its Megatron model code needs (ray: the
+# verl package imports verl.protocol, which imports ray); left out: vLLM/SGLang, flash-attn,
+# apex, Transformer Engine, which its megatron extra pins for GPUs.
+VERL_DEPS=("tensordict==0.10.0" codetiming dill pandas "pyarrow>=19" ray orjson)
+MBRIDGE_VERSION="0.15.1"
 
 bridge_for() {
     case "$1" in
@@ -104,9 +106,9 @@ swap_312() {
             pip312 "${VERL_DEPS[@]}"
             touch "$VENV312/.verl-deps"
         fi
-        pip312 --no-deps "verl==$3"
+        pip312 --no-deps "verl==$3" "mbridge==$MBRIDGE_VERSION"
     else
-        "$VENV312/bin/python" -m pip uninstall -q -y verl >/dev/null 2>&1 || true
+        "$VENV312/bin/python" -m pip uninstall -q -y verl mbridge >/dev/null 2>&1 || true
     fi
 }
 

@@ -31,6 +31,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from megatron.core import package_info
 from megatron.core.transformer.transformer_config import TransformerConfig
+from packaging.version import Version
 
 from megatron_densemixer.config import densemixer_config
 from megatron_densemixer.moe_layer import check_dense_router_grad_applied
@@ -166,12 +167,15 @@ def check_megatron_lm_checkout(root: str) -> None:
     if not os.path.isfile(info):
         return
     checkout_version = runpy.run_path(info)["__version__"]
-    if checkout_version != package_info.__version__:
+    # The release, not the local "+<git hash>" label: a checkout of the tag a wheel was built
+    # from carries another hash than the wheel.
+    checkout_release = Version(checkout_version).public
+    if checkout_release != Version(package_info.__version__).public:
         raise ImportError(
             f"Megatron-LM checkout {root} carries megatron-core {checkout_version}, but the "
             f"imported megatron.core is {package_info.__version__} "
             f"({os.path.dirname(package_info.__file__)}). Install the matching wheel "
-            f"(pip install megatron-core=={checkout_version}), or put the checkout first with "
+            f"(pip install megatron-core=={checkout_release}), or put the checkout first with "
             f"PYTHONPATH={root} instead of {MEGATRON_LM_PATH_ENV}."
         )
 

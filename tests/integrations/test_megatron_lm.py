@@ -16,6 +16,7 @@ import pytest
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.transformer_config import TransformerConfig
+from packaging.version import Version
 
 from megatron_densemixer import DenseMixerMoELayer, DenseMixerTransformerConfig
 from megatron_densemixer.integrations import megatron_lm
@@ -53,6 +54,10 @@ def test_checkout_with_another_megatron_core_is_refused(tmp_path):
     from megatron.core import package_info
 
     info.write_text(f"__version__ = {package_info.__version__!r}\n")
+    megatron_lm.check_megatron_lm_checkout(str(tmp_path))
+    # The checkout of the tag a wheel was built from: same release, another git hash.
+    release = Version(package_info.__version__).public
+    info.write_text(f"__version__ = '{release}+0123abc'\n")
     megatron_lm.check_megatron_lm_checkout(str(tmp_path))
 
 
