@@ -101,15 +101,38 @@ class DenseMixerMoELayer(MoELayer):
                 self, config, pg_collection, options.moe_dense_router_grad_ema_decay
             )
 
+    def densemixer_router(self) -> DenseMixerTopKRouter:
+        """The DenseMixer router, also behind PEFT wrappers (``to_wrap``) added after build.
+
+        Raises:
+            ValueError: no DenseMixerTopKRouter is found under ``self.router``.
+        """
+        router = self.router
+        while not isinstance(router, DenseMixerTopKRouter):
+            inner = getattr(router, "to_wrap", None)
+            if inner is None:
+                raise ValueError(
+                    f"moe_dense_router_grad=True: the layer's router {type(self.router).__name__}"
+                    " wraps no DenseMixerTopKRouter (a wrapper must keep it as ``to_wrap`` and "
+                    "call its ``routing``); build the spec with densemixer_spec() before wrapping."
+                )
+            router = inner
+        return router
+
     def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
         """MoELayer.route; when active, also records what the dense backward needs."""
         probs, routing_map = super().route(hidden_states, *args, **kwargs)
         self.pending_dense_grad = None
         dense_probs = selected = None
         if self.dense_reduction is not None:
-            dense_probs, self.router.dense_probs = self.router.dense_probs, None
+            router = self.densemixer_router()
+            dense_probs, router.dense_probs = router.dense_probs, None
             # K: the routing map less dropped and padding pairs (token dropping).
-            selected, self.router.dense_selected = self.router.dense_selected, None
+            selected, router.dense_selected = router.dense_selected, None
+            # Any trainable router parameter, the wrapper's adapter included, turns it on; a
+            # fully frozen router stays exactly conventional (no reduction).
+            if not any(p.requires_grad for p in self.router.parameters()):
+                dense_probs = None
         if dense_probs is not None:
             options = dense_router_grad_options(self.config)
             self.pending_dense_grad = PendingDenseGrad(

@@ -122,7 +122,7 @@ class DenseMixerTopKRouter(TopKRouter):
     """TopKRouter whose routing also records the dense weights of the non-selected experts.
 
     Its probs and routing_map are the parent's, untouched. When the dense router gradient is
-    active (flag on, grad enabled, some router parameter trainable), ``routing`` also computes
+    active (flag on, grad enabled, logits with a gradient), ``routing`` also computes
     ``dense_router_probs`` from the same logits and selection and leaves them in
     ``dense_probs`` (and the selected set K in ``dense_selected``) for the MoE layer, which
     takes them (and resets the attributes) in its ``route`` step.
@@ -146,24 +146,25 @@ class DenseMixerTopKRouter(TopKRouter):
         self.dense_probs = None
         self.dense_selected = None
 
-    def dense_router_grad_active(self) -> bool:
-        """Whether this call needs the dense router gradient.
+    def dense_router_grad_active(self, logits: torch.Tensor) -> bool:
+        """Whether this call makes the dense weights.
 
-        No dense work with the flag off, under no_grad (eval, RL log-prob passes, the first
-        pass of activation recompute) or when no router parameter is trainable. Any trainable
-        one (weight, bias, an adapter registered under the router) turns it on, since each
-        receives the gradient of the logits.
+        Not with the flag off, under no_grad (eval, RL log-prob passes, the first pass of
+        activation recompute) or when the logits carry no gradient. Whether a router parameter
+        is trainable is the layer's decision (``DenseMixerMoELayer.route``): a PEFT wrapper
+        around this router (Megatron-Bridge's ``LoRATopKRouter``) holds the trainable adapter
+        while this module's own weight is frozen, and only the layer sees the wrapper.
         """
         return (
             dense_router_grad_enabled(self.config)
             and torch.is_grad_enabled()
-            and any(p.requires_grad for p in self.parameters())
+            and logits.requires_grad
         )
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
         """Megatron's top-k routing, plus the dense weights when active."""
         self.dense_probs = self.dense_selected = None
-        active = self.dense_router_grad_active()
+        active = self.dense_router_grad_active(logits)
         recorder = None
         if active and self.config.moe_expert_capacity_factor is not None:
             # Token dropping: record the top-k before dropping (swapped in for this call only).

@@ -304,3 +304,60 @@ def test_trainable_router_bias_alone_gets_the_dense_gradient(count_dense_work):
     assert rel_err(grads["router.bias"], expected.d_router_b) < 1e-5
     assert rel_err(grads_conv["router.bias"], expected_conv.d_router_b) < 1e-5
     assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
+
+
+class RouterAdapter(torch.nn.Module):
+    """A router wrapper of Megatron-Bridge's ``LoRATopKRouter`` shape: ``to_wrap`` is the
+    router, the adapter adds s B A x to its logits, then the wrapped router's ``routing``."""
+
+    def __init__(self, to_wrap: torch.nn.Module, rank: int = 2, scale: float = 0.5) -> None:
+        super().__init__()
+        self.to_wrap = to_wrap
+        num_experts, hidden = to_wrap.weight.shape
+        self.lora_a = torch.nn.Parameter(torch.randn(rank, hidden) * 0.3)
+        self.lora_b = torch.nn.Parameter(torch.randn(num_experts, rank) * 0.3)
+        self.scale = scale
+
+    def forward(self, x, *args, **kwargs):
+        logits = self.to_wrap.gating(x)
+        logits = logits + self.scale * (x @ self.lora_a.T @ self.lora_b.T).to(logits.dtype)
+        return self.to_wrap.routing(logits, *args, **kwargs)
+
+
+def test_router_adapter_gets_the_dense_gradient(count_dense_work):
+    """Router weight frozen (as PEFT freezes every base weight), a LoRA adapter on the router
+    trainable: the layer reaches the DenseMixer router through the wrapper and the adapter
+    gets DenseMixer's gradient, which follows from the float64 reference of the adapted router
+    W_eff = W + s B A: dL/dB = s dL/dW_eff A^T, dL/dA = s B^T dL/dW_eff. Frozen adapter and
+    weight: no dense work, exactly conventional. Tolerance 1e-5 (fp32 against float64)."""
+    config = make_config()
+    dense, conventional = build_pair(config)
+    model, routing = reference_model(dense, config), reference_routing(dense, config)
+    torch.manual_seed(8)
+    for layer in (dense, conventional):
+        layer.router.weight.requires_grad_(False)
+        layer.router = RouterAdapter(layer.router)
+    conventional.router.load_state_dict(dense.router.state_dict())
+    x, g = torch.randn(SEQ, BATCH, config.hidden_size), torch.randn(SEQ, BATCH, config.hidden_size)
+    y, dx, grads = run_layer(dense, x, g)
+    y_conv, _, grads_conv = run_layer(conventional, x, g)
+    assert torch.equal(y, y_conv) and count_dense_work == [SEQ * BATCH]
+
+    adapter = dense.router
+    w_eff = adapter.to_wrap.weight + adapter.scale * adapter.lora_b @ adapter.lora_a
+    model.router_w = w_eff.detach().double()
+    x2d, g2d = x.reshape(-1, config.hidden_size), g.reshape(-1, config.hidden_size)
+    expected = ref.reference(model, x2d, g2d, routing, dense=True)
+    expected_conv = ref.reference(model, x2d, g2d, routing, dense=False)
+    a, b, s = adapter.lora_a.detach().double(), adapter.lora_b.detach().double(), adapter.scale
+    for name, d_w in (("dense", expected.d_router_w), ("conv", expected_conv.d_router_w)):
+        got = grads if name == "dense" else grads_conv
+        assert rel_err(got["router.lora_b"], s * d_w @ a.T) < 1e-5, name
+        assert rel_err(got["router.lora_a"], s * b.T @ d_w) < 1e-5, name
+    assert rel_err(expected.d_router_w @ a.T, expected_conv.d_router_w @ a.T) > 1e-2
+    assert rel_err(dx.reshape(x2d.shape), expected.d_x) < 1e-5
+
+    adapter.lora_a.requires_grad_(False)
+    adapter.lora_b.requires_grad_(False)
+    run_layer(dense, x, g)
+    assert count_dense_work == [SEQ * BATCH], "a fully frozen router does no dense work"
