@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -330,3 +331,111 @@ def test_bridge_saved_provider_loads_through_the_allowlist(bridge, tmp_path):
     assert spec.keywords["moe_dense_router_grad"] is True
     assert spec.keywords["base_spec"] is bridge["gpt_provider"].default_layer_spec
     assert [type(m) for m in moe_layers(build(loaded))] == [DenseMixerMoELayer] * 2
+
+
+# --------------------------------------------------------------------------------------
+# LoRA through Megatron-Bridge's PEFT (the published DenseMixer LoRA setting)
+# --------------------------------------------------------------------------------------
+LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
+
+
+def lora_effective_weight(linear: Any) -> torch.Tensor:
+    """W + (alpha / r) B A of a LoRA-wrapped linear, in float64, from its own parameters."""
+    adapter = linear.adapter
+    scale = adapter.alpha / adapter.dim
+    delta = adapter.linear_out.weight.double() @ adapter.linear_in.weight.double()
+    return linear.to_wrap.weight.double() + scale * delta
+
+
+def adapted_reference_model(layer: Any, config: Any) -> ref.Model:
+    """The float64 reference of a LoRA-adapted MoE layer: effective expert weights."""
+
+    def weight(linear: Any) -> torch.Tensor:
+        if hasattr(linear, "adapter"):
+            return lora_effective_weight(linear)
+        return linear.weight.detach().double()
+
+    router = layer.router.to_wrap if hasattr(layer.router, "to_wrap") else layer.router
+    return ref.Model(
+        router_w=weight(layer.router) if hasattr(layer.router, "adapter") else weight(router),
+        router_b=None,
+        experts=[
+            ref.Expert(weight(mlp.linear_fc1), None, weight(mlp.linear_fc2), None)
+            for mlp in layer.experts.local_experts
+        ],
+        act=config.activation_func,
+        glu=config.gated_linear_unit,
+    )
+
+
+@needs_bridge
+@pytest.mark.parametrize("router", ["trainable", "lora_adapter"])
+def test_bridge_lora_gets_densemixer_router_gradients(bridge, router, monkeypatch):
+    """Bridge's LoRA on attention and expert linears of a wrapped Qwen3-MoE provider, with
+    (a) the router weight trainable (DenseMixer's published LoRA setting) or (b) a LoRA adapter
+    on the router (Bridge's LoRATopKRouter): the forward equals the conventional model's,
+    expert base weights get no gradient, the last MoE layer's expert adapters get exactly the
+    conventional gradient, and the router's trainable parameters get DenseMixer's gradient of
+    the *adapted* model (float64 reference with W + (alpha/r) B A), 1e-5 norm-relative (fp32
+    against float64). Guards the dense reduction reading the base weight behind a wrapper and
+    the layer missing the router behind LoRATopKRouter.
+    """
+    from megatron.bridge.peft import utils as peft_utils
+    from megatron.bridge.peft.lora import LoRA
+
+    # megatron-core defines its TE wrapper classes even without Transformer Engine, so Bridge
+    # believes TE is there; on CPU every linear is a local one.
+    monkeypatch.setattr(peft_utils, "HAVE_TE", False)
+    targets = LORA_TARGETS + (["router"] if router == "lora_adapter" else [])
+    models = []
+    for flag in (True, False):
+        provider = megatron_bridge.densemixer_provider(
+            qwen3_moe_provider(bridge), moe_dense_router_grad=flag
+        )
+        provider.apply_overrides_and_finalize(dtype=torch.float32, overrides=bridge["overrides"])
+        model = build(provider)
+        torch.manual_seed(3)
+        # B initialised non-zero, so the adapters change the expert function from step one.
+        model = LoRA(target_modules=targets, dim=4, alpha=8, lora_B_init_method="xavier")(
+            model, training=True
+        )
+        if router == "trainable":
+            for name, param in model.named_parameters():
+                if name.endswith("router.weight"):
+                    param.requires_grad_(True)
+        models.append(model)
+    dense, conventional = models
+    # Copied parameter by parameter: Bridge's adapter state-dict hooks rename keys on save.
+    source = dict(dense.named_parameters())
+    with torch.no_grad():
+        for name, param in conventional.named_parameters():
+            param.copy_(source[name])
+    assert all(type(m) is DenseMixerMoELayer for m in moe_layers(dense))
+
+    conventional_loss, _ = train_step(conventional)
+    loss, seen = train_step(dense)
+    assert torch.equal(loss, conventional_loss), "the forward must stay conventional"
+    conv_grads = {n: p.grad for n, p in conventional.named_parameters() if p.grad is not None}
+    grads = {n: p.grad for n, p in dense.named_parameters() if p.grad is not None}
+    assert not any(".experts." in n and "adapter" not in n for n in grads), "base weights frozen"
+    last = [n for n in conv_grads if "layers.1.mlp.experts." in n]
+    assert last and all(torch.equal(grads[n], conv_grads[n]) for n in last)
+
+    for i, layer in enumerate(moe_layers(dense)):
+        x, g = seen[i]["x"].reshape(-1, 16), seen[i]["g"].reshape(-1, 16)
+        model_ref = adapted_reference_model(layer, layer.config)
+        base_router = layer.densemixer_router()
+        routing = reference_routing(SimpleNamespace(router=base_router), layer.config)
+        expected = ref.reference(model_ref, x, g, routing, dense=True)
+        expected_conv = ref.reference(model_ref, x, g, routing, dense=False)
+        assert rel_err(expected.d_router_w, expected_conv.d_router_w) > 1e-2
+        if router == "trainable":
+            assert rel_err(base_router.weight.grad, expected.d_router_w) < 1e-5, i
+        else:
+            adapter = layer.router.adapter
+            scale = adapter.alpha / adapter.dim
+            a = adapter.linear_in.weight.detach().double()
+            b = adapter.linear_out.weight.detach().double()
+            assert base_router.weight.grad is None
+            assert rel_err(adapter.linear_out.weight.grad, scale * expected.d_router_w @ a.T) < 1e-5
+            assert rel_err(adapter.linear_in.weight.grad, scale * b.T @ expected.d_router_w) < 1e-5
