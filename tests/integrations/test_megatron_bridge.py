@@ -2,7 +2,8 @@
 
 A stand-in provider (a TransformerConfig dataclass with a ``transformer_layer_spec`` field, as
 GPTModelProvider is) covers the logic with megatron-core alone. The tests after it drive the
-installed Megatron-Bridge (0.5.x, 0.6.x: Python 3.12, so the 3.12 lane of ``make test-matrix``):
+installed Megatron-Bridge (0.5.x, 0.6.x: Python 3.12 and megatron-core >= 0.18, installed by
+``make test-matrix`` in those lanes):
 a Qwen3-MoE provider made by Bridge's own ``AutoBridge.from_hf_config`` from a tiny config (no
 download), built and trained one step on CPU, saved and loaded through Bridge's allowlist, and
 verl's ``apply_overrides_and_finalize`` path. They skip, with the reason, where Bridge is absent.
@@ -127,8 +128,8 @@ def test_spec_target_is_a_public_module_level_function():
 # --------------------------------------------------------------------------------------
 needs_bridge = pytest.mark.skipif(
     not transformer_engine_stub.megatron_bridge_installed(),
-    reason="Megatron-Bridge is not installed (its releases need Python >= 3.12: the 3.12 lane "
-    "of make test-matrix installs it)",
+    reason="Megatron-Bridge is not installed (releases 0.5+ need Python >= 3.12 and "
+    "megatron-core >= 0.18; make test-matrix installs it in its 0.18 and 0.19 lanes)",
 )
 
 # Qwen3-MoE with 2 layers, 4 experts, top-2: every field Bridge's Qwen3 MoE bridge reads.
@@ -339,25 +340,32 @@ def test_bridge_saved_provider_loads_through_the_allowlist(bridge, tmp_path):
 LORA_TARGETS = ["linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"]
 
 
-def lora_effective_weight(linear: Any) -> torch.Tensor:
-    """W + (alpha / r) B A of a LoRA-wrapped linear, in float64, from its own parameters."""
-    adapter = linear.adapter
-    scale = adapter.alpha / adapter.dim
-    delta = adapter.linear_out.weight.double() @ adapter.linear_in.weight.double()
-    return linear.to_wrap.weight.double() + scale * delta
+def effective_weight(linear: Any) -> torch.Tensor:
+    """The [out, in] matrix a bias-free adapted linear applies, read by calling it on the
+    identity: W + (alpha / r) B A for LoRA, m (W + s B A) / ||W + s B A|| for DoRA."""
+    in_features = linear.to_wrap.weight.shape[1]
+    with torch.no_grad():
+        output, bias = linear(torch.eye(in_features))
+    assert bias is None
+    return output.T.double()
 
 
 def adapted_reference_model(layer: Any, config: Any) -> ref.Model:
-    """The float64 reference of a LoRA-adapted MoE layer: effective expert weights."""
+    """The float64 reference of a PEFT-adapted MoE layer: effective expert weights."""
 
     def weight(linear: Any) -> torch.Tensor:
         if hasattr(linear, "adapter"):
-            return lora_effective_weight(linear)
+            return effective_weight(linear)
         return linear.weight.detach().double()
 
-    router = layer.router.to_wrap if hasattr(layer.router, "to_wrap") else layer.router
+    router = layer.densemixer_router()
+    router_weight = router.weight.detach().double()
+    if hasattr(layer.router, "adapter"):  # LoRATopKRouter: logits + (alpha / r) B A x
+        adapter = layer.router.adapter
+        delta = adapter.linear_out.weight.double() @ adapter.linear_in.weight.double()
+        router_weight = router_weight + adapter.alpha / adapter.dim * delta.detach()
     return ref.Model(
-        router_w=weight(layer.router) if hasattr(layer.router, "adapter") else weight(router),
+        router_w=router_weight,
         router_b=None,
         experts=[
             ref.Expert(weight(mlp.linear_fc1), None, weight(mlp.linear_fc2), None)
@@ -369,9 +377,12 @@ def adapted_reference_model(layer: Any, config: Any) -> ref.Model:
 
 
 @needs_bridge
-@pytest.mark.parametrize("router", ["trainable", "lora_adapter"])
-def test_bridge_lora_gets_densemixer_router_gradients(bridge, router, monkeypatch):
-    """Bridge's LoRA on attention and expert linears of a wrapped Qwen3-MoE provider, with
+@pytest.mark.parametrize(
+    "peft,router", [("lora", "trainable"), ("lora", "lora_adapter"), ("dora", "trainable")]
+)
+def test_bridge_peft_gets_densemixer_router_gradients(bridge, peft, router, monkeypatch):
+    """Bridge's LoRA (and DoRA) on attention and expert linears of a wrapped Qwen3-MoE
+    provider, with
     (a) the router weight trainable (DenseMixer's published LoRA setting) or (b) a LoRA adapter
     on the router (Bridge's LoRATopKRouter): the forward equals the conventional model's,
     expert base weights get no gradient, the last MoE layer's expert adapters get exactly the
@@ -381,12 +392,17 @@ def test_bridge_lora_gets_densemixer_router_gradients(bridge, router, monkeypatc
     the layer missing the router behind LoRATopKRouter.
     """
     from megatron.bridge.peft import utils as peft_utils
+    from megatron.bridge.peft.dora import DoRA
     from megatron.bridge.peft.lora import LoRA
 
     # megatron-core defines its TE wrapper classes even without Transformer Engine, so Bridge
     # believes TE is there; on CPU every linear is a local one.
     monkeypatch.setattr(peft_utils, "HAVE_TE", False)
     targets = LORA_TARGETS + (["router"] if router == "lora_adapter" else [])
+    if peft == "dora":
+        # Bridge 0.6.2's DoRA on SequentialMLP expert linears fails in Megatron's own
+        # (conventional) expert forward on CPU ("Sizes of tensors must match"): attention only.
+        targets = ["linear_qkv", "linear_proj"]
     models = []
     for flag in (True, False):
         provider = megatron_bridge.densemixer_provider(
@@ -396,7 +412,8 @@ def test_bridge_lora_gets_densemixer_router_gradients(bridge, router, monkeypatc
         model = build(provider)
         torch.manual_seed(3)
         # B initialised non-zero, so the adapters change the expert function from step one.
-        model = LoRA(target_modules=targets, dim=4, alpha=8, lora_B_init_method="xavier")(
+        transform = LoRA if peft == "lora" else DoRA
+        model = transform(target_modules=targets, dim=4, alpha=8, lora_B_init_method="xavier")(
             model, training=True
         )
         if router == "trainable":
@@ -419,7 +436,8 @@ def test_bridge_lora_gets_densemixer_router_gradients(bridge, router, monkeypatc
     grads = {n: p.grad for n, p in dense.named_parameters() if p.grad is not None}
     assert not any(".experts." in n and "adapter" not in n for n in grads), "base weights frozen"
     last = [n for n in conv_grads if "layers.1.mlp.experts." in n]
-    assert last and all(torch.equal(grads[n], conv_grads[n]) for n in last)
+    assert all(torch.equal(grads[n], conv_grads[n]) for n in last)
+    assert last or peft == "dora"
 
     for i, layer in enumerate(moe_layers(dense)):
         x, g = seen[i]["x"].reshape(-1, 16), seen[i]["g"].reshape(-1, 16)
