@@ -77,6 +77,10 @@ class DenseMixerMoELayer(MoELayer):
         )
         self.pending_dense_grad = None
         self.dense_reduction: Optional[DenseReduction] = None
+        # The opt-in token sampling draws from its own generator, never the global one.
+        self.dense_pair_generator = torch.Generator().manual_seed(
+            torch.initial_seed() + (layer_number or 0)
+        )
         self.dense_router_grad_ema: Optional[ExpertOutputEMA] = None
         if not enabled:
             return
@@ -123,6 +127,12 @@ class DenseMixerMoELayer(MoELayer):
         """MoELayer.route; when active, also records what the dense backward needs."""
         probs, routing_map = super().route(hidden_states, *args, **kwargs)
         self.pending_dense_grad = None
+        if self.dense_reduction is None and dense_router_grad_enabled(self.config):
+            raise RuntimeError(
+                "moe_dense_router_grad was turned on after this DenseMixerMoELayer was built "
+                "with it off, so it has no dense reduction; set the flag in the config before "
+                "building the model."
+            )
         dense_probs = selected = None
         if self.dense_reduction is not None:
             router = self.densemixer_router()
@@ -145,7 +155,9 @@ class DenseMixerMoELayer(MoELayer):
                     reduction=self.dense_reduction,
                     variant=options.moe_dense_router_grad_variant,
                     token_fraction=options.moe_dense_router_grad_token_fraction,
-                    pairs=dense_pairs(dense_probs.detach(), selected, self.config),
+                    pairs=dense_pairs(
+                        dense_probs.detach(), selected, self.config, self.dense_pair_generator
+                    ),
                 ),
             )
         if self.dense_router_grad_ema is not None:

@@ -9,6 +9,7 @@ that lacks a field (a plain TransformerConfig, a Megatron-Bridge provider, verl'
 from __future__ import annotations
 
 import dataclasses
+import fractions
 import math
 import numbers
 from dataclasses import dataclass, field
@@ -160,7 +161,13 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    # Fractions are Real but do not compare with tensors; bools are ints.
+    if not isinstance(value, numbers.Real) or isinstance(value, (bool, fractions.Fraction)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _check_types(options: DenseMixerOptions) -> None:

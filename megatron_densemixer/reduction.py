@@ -149,14 +149,20 @@ def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtyp
 
 
 def dense_pairs(
-    dense_probs: torch.Tensor, routing_map: torch.Tensor, config: TransformerConfig
+    dense_probs: torch.Tensor,
+    routing_map: torch.Tensor,
+    config: TransformerConfig,
+    generator: Optional[torch.Generator] = None,
 ) -> Optional[torch.Tensor]:
     """The (token, expert) pairs the backward scores under the opt-in approximations.
 
     None (every pair, the exact gradient) unless ``moe_dense_router_grad_topm`` or
-    ``moe_dense_router_grad_token_fraction`` is set. Top-M keeps K plus the M - k
-    non-selected experts with the highest scores (K stays in, as the gated baseline needs
-    its G); the token fraction keeps each token with probability f.
+    ``moe_dense_router_grad_token_fraction`` is set. Top-M keeps M experts per token: K (kept
+    in, as the gated baseline needs its G; fewer than k under token dropping) and the
+    non-selected experts with the highest scores. The token fraction keeps each token with
+    probability f, drawn from ``generator`` (a CPU generator; the global one when None): a
+    private generator keeps the global RNG stream, and with it every dropout mask of an
+    activation recompute, the same whether or not this draw happens.
     """
     options = dense_router_grad_options(config)
     topm = options.moe_dense_router_grad_topm
@@ -165,10 +171,12 @@ def dense_pairs(
         return None
     pairs = torch.ones_like(routing_map)
     if topm is not None:
-        extra = dense_probs.topk(topm - config.moe_router_topk, dim=-1).indices
-        pairs = routing_map.clone().scatter_(1, extra, True)
+        ranking = dense_probs.masked_fill(routing_map, float("inf"))
+        top = ranking.topk(topm, dim=-1).indices
+        pairs = torch.zeros_like(routing_map).scatter_(1, top, True)
     if fraction < 1.0:
-        keep = torch.rand(routing_map.shape[0], device=routing_map.device) < fraction
+        draw = torch.rand(routing_map.shape[0], generator=generator)
+        keep = draw.to(routing_map.device) < fraction
         pairs &= keep.unsqueeze(1)
     return pairs
 

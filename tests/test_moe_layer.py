@@ -361,3 +361,13 @@ def test_router_adapter_gets_the_dense_gradient(count_dense_work):
     adapter.lora_b.requires_grad_(False)
     run_layer(dense, x, g)
     assert count_dense_work == [SEQ * BATCH], "a fully frozen router does no dense work"
+
+
+def test_flag_turned_on_after_build_raises():
+    """A layer built with the flag off has no dense reduction: turning the flag on in its
+    config afterwards must fail at the next forward, not train conventionally."""
+    config = make_config(moe_dense_router_grad=False)
+    layer = build_dense_layer(config, seed=0)
+    layer.config.moe_dense_router_grad = True
+    with pytest.raises(RuntimeError, match="turned on after this DenseMixerMoELayer was built"):
+        layer(torch.randn(SEQ, BATCH, config.hidden_size))

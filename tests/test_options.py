@@ -4,6 +4,7 @@ raising a clear ValueError."""
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
 import pytest
 
@@ -84,6 +85,8 @@ BAD_VALUES = [
     (dict(moe_dense_router_grad_token_fraction=0.0), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction=1.5), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction="0.5"), "token_fraction must be in \\(0, 1\\]"),
+    (dict(moe_dense_router_grad_token_fraction=Fraction(1, 2)), "token_fraction must be in"),
+    (dict(moe_dense_router_grad_chunk_budget_mb=10**400), "chunk_budget_mb must be a positive"),
     (dict(moe_router_topk=9), "moe_router_topk \\(9\\) must not exceed num_moe_experts \\(8\\)"),
 ]
 
