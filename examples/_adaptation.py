@@ -359,32 +359,46 @@ def pretrain(
     return Pretrained(state, owner, evals, history)
 
 
-def router_grad_fidelity(model, shadow, exact, batch: torch.Tensor) -> Optional[float]:
-    """Cosine between ``model``'s router weight gradient and exact DenseMixer's on ``batch``
-    (averaged over MoE layers), computed on copies so that ``model`` is not touched.
+def router_grad_fidelity(
+    model, helpers: Dict[str, Any], batch: torch.Tensor
+) -> Dict[str, Optional[float]]:
+    """``model``'s router weight gradient against exact DenseMixer's on ``batch``.
+
+    Cosines of the whole gradient and of its dense term (minus the conventional gradient),
+    averaged over MoE layers, computed on copies so that ``model`` is not touched.
 
     Args:
         model: The arm's model.
-        shadow: A model of the same arm; receives ``model``'s weights and EMA tables.
-        exact: An exact-DenseMixer model; receives ``model``'s weights.
+        helpers: "shadow" (same arm; receives ``model``'s weights and EMA tables), "exact"
+            and "conventional" models; each receives ``model``'s weights.
         batch: Token ids, [batch, seq + 1].
     """
     state = model.state_dict()
-    shadow.load_state_dict(state, strict=True)
-    exact.load_state_dict(state, strict=True)
+    for helper in helpers.values():
+        helper.load_state_dict(state, strict=True)
     # The EMA tables are not in the state dict (non-persistent buffers).
-    for source, target in zip(model.modules(), shadow.modules(), strict=True):
+    for source, target in zip(model.modules(), helpers["shadow"].modules(), strict=True):
         if isinstance(source, ExpertOutputEMA):
             target.table, target.updates = source.table.clone(), source.updates.clone()
     inputs = _Inputs(batch.shape[0], batch.shape[1] - 1)
-    grads = []
-    for m in (shadow, exact):
+    grads = {}
+    for name, m in helpers.items():
         m.zero_grad(set_to_none=True)
         loss = m(batch[:, :-1], inputs.position_ids, inputs.attention_mask, labels=batch[:, 1:])
         loss.float().mean().backward()
-        grads.append([r.weight.grad.double().flatten() for r in _routers(m)])
-    cosines = [float(a @ b / (a.norm() * b.norm())) for a, b in zip(*grads, strict=True)]
-    return mean_or_none(cosines)
+        grads[name] = [r.weight.grad.double().flatten() for r in _routers(m)]
+
+    def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float(a @ b / (a.norm() * b.norm()))
+
+    layers = range(len(grads["exact"]))
+    conv = grads["conventional"]
+    return {
+        "cosine": mean_or_none([cosine(grads["shadow"][i], grads["exact"][i]) for i in layers]),
+        "dense_cosine": mean_or_none(
+            [cosine(grads["shadow"][i] - conv[i], grads["exact"][i] - conv[i]) for i in layers]
+        ),
+    }
 
 
 def finetune(
@@ -399,20 +413,20 @@ def finetune(
     model = build_model(arm, cfg, task, seed)
     model.load_state_dict(pretrained.state_dict, strict=True)
     held_out = eval_sets(task, seed)
-    exact = shadow = None
+    helpers = {}
     if arm in ("ema", "topm"):
-        exact, shadow = (
-            build_model("densemixer", cfg, task, seed),
-            build_model(arm, cfg, task, seed),
-        )
+        kinds = {"shadow": arm, "exact": "densemixer", "conventional": "conventional"}
+        helpers = {name: build_model(kind, cfg, task, seed) for name, kind in kinds.items()}
     evals: List[Dict[str, Any]] = []
 
     def on_eval(step: int) -> None:
         result = evaluate(model, task, held_out["A"], held_out["B"], pretrained.owner)
         result["step"] = step
-        if exact is not None and step > 0:
+        if helpers and step > 0:
             # Against exact DenseMixer on the same weights, on a held-out B batch.
-            result["fidelity_cosine"] = router_grad_fidelity(model, shadow, exact, held_out["B"][0])
+            fidelity = router_grad_fidelity(model, helpers, held_out["B"][0])
+            result["fidelity_cosine"] = fidelity["cosine"]
+            result["fidelity_dense_cosine"] = fidelity["dense_cosine"]
         evals.append(result)
 
     history = _train(
@@ -439,6 +453,7 @@ def finetune(
             "specialisation": final["specialisation"],
             "load_balance": final["load_balance"],
             "fidelity_cosine": final.get("fidelity_cosine"),
+            "fidelity_dense_cosine": final.get("fidelity_dense_cosine"),
             "step_time": mean_or_none(history["step_time"]),
             "step_cpu_time": mean_or_none(history["step_cpu_time"]),
         },

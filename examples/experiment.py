@@ -37,6 +37,7 @@ METRICS = [
     ("specialisation", "specialisation"),
     ("load_balance", "load balance"),
     ("fidelity_cosine", "cos vs exact"),
+    ("fidelity_dense_cosine", "dense-term cos"),
     ("step_cpu_time", "cpu s/step"),
 ]
 
@@ -252,13 +253,20 @@ def plot(seeds: List[Dict[str, Any]], summary: Dict[str, Any], arms: List[str], 
         ("loss_a", "held-out loss on A (forgetting)", False),
         ("ideal_agreement", "ideal routing agreement on B", False),
         ("load_balance", "load balance on B (normalised entropy)", False),
-        ("fidelity_cosine", "router grad cosine vs exact DenseMixer", False),
+        ("fidelity_cosine", "router grad cosine vs exact DenseMixer (whole, dense term)", False),
     ]
     for ax, (key, title, log) in zip(axes.flat, panels, strict=False):
         for arm in arms:
             steps, values = _curve(seeds, arm, key)
             if any(v == v for v in values):
                 ax.plot(steps, values, marker="o", ms=3, label=arm, color=_color(arm))
+            if key == "fidelity_cosine":
+                steps, values = _curve(seeds, arm, "fidelity_dense_cosine")
+                if any(v == v for v in values):
+                    label = f"{arm}, dense term"
+                    ax.plot(
+                        steps, values, ls="--", marker="x", ms=3, label=label, color=_color(arm)
+                    )
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("fine-tuning step")
         ax.grid(alpha=0.3)

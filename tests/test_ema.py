@@ -15,7 +15,10 @@ from typing import Dict, List
 import pytest
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
+from megatron_densemixer import compat, densemixer_spec
 from megatron_densemixer.ema import expert_output_sums
 from megatron_densemixer.integrations.megatron_lm import extra_args_provider
 from tests.support import reference as ref
@@ -31,7 +34,13 @@ from tests.support.builders import (
     rel_err,
     run_layer,
 )
-from tests.support.megatron_cpu import init_model_parallel, run_distributed, shard_moe_state_dict
+from tests.support.megatron_cpu import (
+    build_moe_layer,
+    init_model_parallel,
+    install_grouped_gemm_fallback,
+    run_distributed,
+    shard_moe_state_dict,
+)
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -214,6 +223,55 @@ def test_expert_output_sums_skip_zero_weight_rows():
             expected_counts[e] += 1
     assert counts.tolist() == expected_counts
     assert rel_err(sums, expected) < 1e-6  # fp32 sums of float64 inputs
+
+
+def _grouped_mlp_layer():
+    if compat.GroupedMLP is None:
+        pytest.skip("GroupedMLP was removed in megatron-core 0.17")
+    install_grouped_gemm_fallback()
+    config = ema_config(moe_grouped_gemm=True, bf16=True, params_dtype=torch.bfloat16)
+    spec = get_moe_module_spec(use_te=False, num_experts=EXPERTS, moe_grouped_gemm=True)
+    torch.manual_seed(0)
+    return build_moe_layer(config, spec=densemixer_spec(spec))
+
+
+EXPERT_MODULES = {
+    "sequential_swiglu": lambda: build_dense_layer(ema_config(), seed=0),
+    "sequential_gelu": lambda: build_dense_layer(
+        ema_config(gated_linear_unit=False, activation_func=F.gelu), seed=0
+    ),
+    "grouped_mlp_bf16": _grouped_mlp_layer,
+}
+
+
+@pytest.mark.parametrize("name", list(EXPERT_MODULES))
+def test_sums_recover_each_expert_modules_unweighted_output(name):
+    """Dividing the experts module's rows by their probs gives E_e(x): the per-expert sums
+    equal those of the same module called with unit probs, for every expert module here.
+
+    Guards the assumption that Megatron applies the routing weight linearly inside the expert
+    (to the activation and fc2's bias). Tolerance 1e-5 in fp32 (the same products, rounded
+    once more by the division); 2e-2 in bf16 (the weighted activation is rounded to bf16
+    before fc2: unit roundoff 4e-3, a few roundings per output).
+    """
+    experts = EXPERT_MODULES[name]().experts
+    dtype = next(experts.parameters()).dtype
+    tokens_per_expert = torch.tensor([3, 0, 2, 4, 1, 0, 5, 2])
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(int(tokens_per_expert.sum()), HIDDEN, generator=gen).to(dtype)
+    probs = torch.rand(x.shape[0], generator=gen) + 0.05
+    with torch.no_grad():
+        weighted, _ = experts(x, tokens_per_expert, probs)
+        unweighted, _ = experts(x, tokens_per_expert, torch.ones_like(probs))
+    sums, counts = expert_output_sums(weighted, tokens_per_expert, probs, EXPERTS)
+    expected = torch.zeros(EXPERTS, HIDDEN, dtype=f64)
+    row = 0
+    for e, n in enumerate(tokens_per_expert.tolist()):
+        for _ in range(n):
+            expected[e] += unweighted[row].double()
+            row += 1
+    assert counts.tolist() == tokens_per_expert.tolist()
+    assert rel_err(sums, expected) < (2e-2 if dtype == torch.bfloat16 else TOL)
 
 
 def test_no_grad_eval_and_frozen_router_do_nothing():
