@@ -5,11 +5,12 @@
 #   0.16.1  Python 3.11: `make test` itself (.venv, torch CPU wheel).
 #   0.17.1, 0.18.2, 0.19.2  Python 3.12 (megatron-core >= 0.17 requires it): one venv,
 #           $VENV312 (default .venv-312), megatron-core swapped in turn with pip, each with a
-#           Megatron-Bridge release (installed --no-deps: its full dependency list pulls
-#           Transformer Engine, flashinfer, wandb...; the tests import Bridge on CPU with a
-#           Transformer Engine stub, tests/support/transformer_engine_stub.py):
-#             0.17.1 + Bridge 0.5.1,  0.18.2 + Bridge 0.5.1 + verl 0.9.1 (verl 0.9's own pins:
-#             core_v0.18 and Bridge 0.5.x),  0.19.2 + Bridge 0.6.2 (the newest).
+#           Megatron-Bridge release where one supports it (installed --no-deps: its full
+#           dependency list pulls Transformer Engine, flashinfer, wandb...; the tests import
+#           Bridge on CPU with a Transformer Engine stub, tests/support/transformer_engine_stub.py):
+#             0.17.1 alone (Bridge 0.5+ needs megatron-core >= 0.18),
+#             0.18.2 + Bridge 0.5.1 + verl 0.9.1 + mbridge 0.15.1 (verl 0.9's own pins:
+#             core_v0.18 and Bridge 0.5.x), 0.19.2 + Bridge 0.6.2 (the newest).
 # PyPI has torch for 3.12 only as the CUDA build (several GB with its nvidia-* wheels); the
 # suite runs on CPU with it. The venv is kept between runs: only the first pays the download.
 #
@@ -36,9 +37,11 @@ BRIDGE_DEPS=(
 VERL_DEPS=("tensordict==0.10.0" codetiming dill pandas "pyarrow>=19" ray orjson)
 MBRIDGE_VERSION="0.15.1"
 
+# Bridge 0.5.x and 0.6.x import megatron.core._rank_utils.safe_get_world_size, which arrived
+# in megatron-core 0.18: no Bridge release with apply_overrides_and_finalize runs on 0.17.
 bridge_for() {
     case "$1" in
-        0.17.*|0.18.*) echo "0.5.1" ;;
+        0.18.*) echo "0.5.1" ;;
         0.19.*) echo "0.6.2" ;;
         *) echo "" ;;
     esac

@@ -180,6 +180,22 @@ def check_megatron_lm_checkout(root: str) -> None:
         )
 
 
+def _escape_stray_percent(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Escapes ``%`` in help strings that argparse cannot format, so that --help prints.
+
+    Megatron-LM core_v0.18.2's ``--moe-paged-stash-buffer-size-factor-cuda`` help says
+    "10%)", which makes its own ``pretrain_gpt.py --help`` raise ValueError.
+    """
+    for action in parser._actions:
+        if not isinstance(action.help, str):
+            continue
+        try:
+            action.help % dict(vars(action), prog=parser.prog)
+        except (ValueError, TypeError, KeyError):
+            action.help = action.help.replace("%", "%%")
+    return parser
+
+
 def _megatron_lm_default_layer_spec() -> Callable[..., Any]:
     """Megatron-LM >= 0.19's ``default_layer_spec(config, vp_stage)``."""
     return _import_megatron_lm("megatron.training.models.gpt").default_layer_spec
@@ -308,7 +324,9 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
     if {"-h", "--help"} & set(sys.argv[1:]):
         # The in-process-restart wrapper below parses the command line without our provider,
         # so its --help would list Megatron-LM's flags only. argparse prints and exits here.
-        arguments.parse_args(extra_args_provider=extra_args)
+        arguments.parse_args(
+            extra_args_provider=chain_extra_args_providers(extra_args, _escape_stray_percent)
+        )
     args_defaults = {"tokenizer_type": "GPT2BPETokenizer"}
     pretrain, store = inprocess_restart.maybe_wrap_for_inprocess_restart(training.pretrain)
     common = dict(

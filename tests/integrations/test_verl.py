@@ -191,6 +191,12 @@ def test_unsupported_versions_are_refused(monkeypatch):
     monkeypatch.undo()
     require_version("verl", dm_verl.SUPPORTED_VERL, "0.9.1")
 
+    # A supported release that lacks a function the patches need (verl changed) also stops.
+    from verl.models.mcore import config_converter
+
+    with pytest.raises(ImportError, match="has no .*check_and_construct_configs_v2 to patch"):
+        dm_verl._target(config_converter, config_converter, "check_and_construct_configs_v2")
+
 
 # CPU: no Transformer Engine, apex or CUDA fusions; local attention (GPTModel records the
 # backend in process-wide NVTE_* variables, so every model here uses the same one).
