@@ -29,6 +29,7 @@ from tests.support import reference as ref
 from tests.support import transformer_engine_stub
 from tests.support.builders import (
     MOE_FIELDS,
+    TINY_QWEN3_MOE,
     mlp_modules,
     reference_model,
     reference_routing,
@@ -132,22 +133,6 @@ needs_bridge = pytest.mark.skipif(
     "megatron-core >= 0.18; make test-matrix installs it in its 0.18 and 0.19 lanes)",
 )
 
-# Qwen3-MoE with 2 layers, 4 experts, top-2: every field Bridge's Qwen3 MoE bridge reads.
-TINY_QWEN3_MOE = dict(
-    vocab_size=64,
-    hidden_size=16,
-    intermediate_size=32,
-    moe_intermediate_size=24,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    head_dim=4,
-    num_experts=4,
-    num_experts_per_tok=2,
-    max_position_embeddings=32,
-    architectures=["Qwen3MoeForCausalLM"],
-    dtype="float32",
-)
 
 # verl's provider overrides (MegatronEngine, moe_token_dispatcher_type and the load balancing
 # it forces), plus what CPU needs: no Transformer Engine, apex or CUDA fusions, local attention.
@@ -196,7 +181,7 @@ def qwen3_moe_provider(bridge) -> Any:
     """A fresh provider from Bridge's Qwen3-MoE bridge, as verl and NeMo-RL get one."""
     import transformers
 
-    config = transformers.Qwen3MoeConfig(**TINY_QWEN3_MOE)
+    config = transformers.Qwen3MoeConfig(**TINY_QWEN3_MOE, dtype="float32")
     auto_bridge = bridge["AutoBridge"].from_hf_config(config)
     # verl's external lib (test_verl.py, same process) may have patched it: take Bridge's own.
     to_provider = type(auto_bridge).to_megatron_provider

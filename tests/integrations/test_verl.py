@@ -35,26 +35,13 @@ from megatron.core.transformer.moe.moe_layer import MoELayer  # noqa: E402
 from megatron_densemixer import DenseMixerMoELayer  # noqa: E402
 from megatron_densemixer.integrations import require_version  # noqa: E402
 from megatron_densemixer.integrations import verl as dm_verl  # noqa: E402
-from tests.support.builders import mlp_modules  # noqa: E402
+from tests.support.builders import TINY_QWEN3_MOE, mlp_modules  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
 
 def tiny_qwen3_moe():
-    return transformers.Qwen3MoeConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        moe_intermediate_size=24,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=4,
-        num_experts=4,
-        num_experts_per_tok=2,
-        max_position_embeddings=32,
-        architectures=["Qwen3MoeForCausalLM"],
-    )
+    return transformers.Qwen3MoeConfig(**TINY_QWEN3_MOE)
 
 
 def local_block_spec(config, use_transformer_engine=True, **kwargs):

@@ -306,3 +306,21 @@ def remove_moe_metrics(names: Iterable[str]) -> None:
         metrics = moe_utils.get_moe_layer_wise_logging_tracker()
     for name in list(names):
         metrics.pop(name, None)
+
+
+# A Hugging Face Qwen3-MoE config with 2 layers, 4 experts, top-2: every field the framework
+# bridges (Megatron-Bridge, mbridge, verl) read. For transformers.Qwen3MoeConfig(**...).
+TINY_QWEN3_MOE = dict(
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=32,
+    moe_intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=32,
+    architectures=["Qwen3MoeForCausalLM"],
+)
