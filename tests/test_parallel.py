@@ -32,8 +32,8 @@ from tests.support.builders import (
 )
 from tests.support.megatron_cpu import (
     build_moe_layer,
+    cached_world_runs,
     init_model_parallel,
-    run_distributed,
     shard_moe_state_dict,
 )
 
@@ -275,18 +275,11 @@ def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> N
 @pytest.fixture(scope="module")
 def world_results(tmp_path_factory):
     """Runs each world size's cases once (lazily) and returns their errors by case name."""
-    cache: Dict[int, dict] = {}
-
-    def get(world: int) -> dict:
-        if world not in cache:
-            names = [n for n, c in CASES.items() if c.world == world]
-            path = str(tmp_path_factory.mktemp("parallel") / f"world{world}.json")
-            run_distributed(_run_world, world, names, path)
-            with open(path) as f:
-                cache[world] = json.load(f)
-        return cache[world]
-
-    return get
+    return cached_world_runs(
+        _run_world,
+        {name: case.world for name, case in CASES.items()},
+        lambda: str(tmp_path_factory.mktemp("parallel")),
+    )
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import json
 import os
 import re
 import shutil
@@ -459,6 +460,30 @@ def _worker(
             parallel_state.destroy_model_parallel()
         with contextlib.suppress(Exception):
             dist.destroy_process_group()
+
+
+def cached_world_runs(
+    run_world: Callable[[int, int, list[str], str], None],
+    case_worlds: Mapping[str, int],
+    make_dir: Callable[[], str],
+) -> Callable[[int], dict]:
+    """``get(world)``: runs ``run_world(rank, world, names, path)`` in a gloo world of that
+    size once, for every case name of that size, and returns the JSON it wrote to ``path``.
+
+    One spawned world per size, not per case: process start-up dominates these tests.
+    """
+    cache: dict[int, dict] = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            names = [name for name, size in case_worlds.items() if size == world]
+            path = os.path.join(make_dir(), f"world{world}.json")
+            run_distributed(run_world, world, names, path)
+            with open(path) as f:
+                cache[world] = json.load(f)
+        return cache[world]
+
+    return get
 
 
 def run_distributed(
