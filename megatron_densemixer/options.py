@@ -19,7 +19,7 @@ from megatron_densemixer import compat
 
 DENSE_ROUTER_GRAD_VARIANTS = ("partscale", "gated")
 DENSE_ROUTER_GRAD_ESTIMATORS = ("exact", "ema")
-SUPPORTED_DISPATCHERS = ("allgather", "alltoall")
+SUPPORTED_DISPATCHERS = ("allgather", "alltoall", "flex")
 
 
 @dataclass
@@ -319,12 +319,3 @@ def validate_dense_router_grad(config: Any) -> None:
     # would silently train conventionally.
     if getattr(config, "cuda_graph_impl", "none") != "none":
         fail(f"cuda_graph_impl={config.cuda_graph_impl!r} is not supported; set it to 'none'.")
-    # The A2A overlap runs route and postprocess in separate schedule nodes, each with its own
-    # autograd graph; the dense gradient would enter the router's node from the combine node,
-    # whose backward runs first and frees the router node's graph.
-    if getattr(config, "overlap_moe_expert_parallel_comm", False):
-        fail(
-            "overlap_moe_expert_parallel_comm=True is not supported: it splits route and "
-            "postprocess into separate autograd graphs, and the dense router gradient must "
-            "cross from one to the other; set it to False."
-        )

@@ -57,7 +57,6 @@ BAD = [
         dict(moe_apply_probs_on_input=True, moe_router_topk=1, moe_router_pre_softmax=True),
         "moe_apply_probs_on_input=True is not supported",
     ),
-    (dict(moe_token_dispatcher_type="flex"), "moe_token_dispatcher_type='flex' is not supported"),
 ]
 
 
@@ -112,7 +111,6 @@ def test_bad_value_raises_on_plain_config():
 GPU_ONLY_BAD = [
     (dict(fp8="hybrid"), "fp8/fp4 expert weights are not supported"),
     (dict(cuda_graph_impl="transformer_engine"), "cuda_graph_impl='transformer_engine'"),
-    (dict(overlap_moe_expert_parallel_comm=True), "overlap_moe_expert_parallel_comm=True"),
     (dict(moe_latent_size=8), "moe_latent_size .* is not supported"),
 ]
 
@@ -126,9 +124,3 @@ def test_bad_gpu_only_options_raise(fields, message):
         setattr(cfg, name, value)
     with pytest.raises(ValueError, match=message):
         validate_dense_router_grad(cfg)
-
-
-def test_flex_dispatcher_raises():
-    """The flex dispatcher is not supported by the dense reduction and must be refused."""
-    with pytest.raises(ValueError, match="moe_token_dispatcher_type='flex' is not supported"):
-        parallel_config("flex")
