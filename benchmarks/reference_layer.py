@@ -8,6 +8,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_densemixer.autograd import DenseRouterGradCall
+from megatron_densemixer.router import recording_dense_router_grad
+
 
 def _mask_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return grad * mask
@@ -51,10 +54,10 @@ class ReferenceDenseMoE(torch.nn.Module):
             (y [s, b, H], None), like MoELayer.
         """
         layer = self.layer
-        probs, routing_map = layer.router(hidden_states)  # [T, E] each
-        # Take the dense weights as the MoE layer does, so the router holds no tensor after.
-        dense_probs = layer.router.dense_probs  # [T, E], zero on K
-        layer.router.dense_probs = None
+        call = DenseRouterGradCall()
+        with recording_dense_router_grad(call):
+            probs, routing_map = layer.router(hidden_states)  # [T, E] each
+        dense_probs = call.dense_probs  # [T, E], zero on K
         weights = probs + dense_probs  # the DenseMixer weights of every expert
         x = hidden_states.reshape(-1, hidden_states.shape[-1])  # [T, H]
         mask = routing_map.to(x.dtype)

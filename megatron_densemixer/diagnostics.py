@@ -42,7 +42,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
-from megatron_densemixer.router import DenseMixerTopKRouter, dense_router_probs
+from megatron_densemixer.router import dense_router_probs, recording_call
 
 TRACKER_PREFIX = "densemixer_router_"
 """Prefix of the names this module writes to Megatron's MoE layer-wise tracker."""
@@ -240,8 +240,9 @@ class RouterDiagnostics:
             if router.weight.requires_grad and not state.weight_hooked:
                 state.handles.append(router.weight.register_hook(self._make_weight_hook(state)))
                 state.weight_hooked = True
-            # Read before the layer's route step takes them (this hook runs first).
-            dense_probs = router.dense_probs if isinstance(router, DenseMixerTopKRouter) else None
+            # The call the layer's route step is recording (this hook runs inside it).
+            call = recording_call()
+            dense_probs = call.dense_probs if call is not None else None
             if dense_probs is not None and dense_probs.requires_grad:
                 dense_probs.register_hook(
                     self._make_dense_hook(state, router, hidden, routing_map.clone())

@@ -50,6 +50,7 @@ Precision: the table, its sums and G are fp32 whatever the model dtype (an incre
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Tuple
 
 import torch
@@ -134,9 +135,9 @@ class ExpertOutputEMA(torch.nn.Module):
     """A_e for every expert of one MoE layer, kept identical on all ranks of its stage.
 
     A parameter-free module whose buffers are non-persistent (state dicts are unchanged).
-    The layer calls ``start`` in its route step, the experts module's forward hook
-    (``observe``) collects this rank's sums, and ``finish`` in the postprocess step reduces
-    them, updates the table and returns it for the backward.
+    The layer's forward hook on its experts module adds ``expert_output_block`` into the
+    forward call's record, and its postprocess step passes the sum to ``update``, which
+    reduces it over the groups, updates the table and returns it for the backward.
     """
 
     table: torch.Tensor
@@ -175,24 +176,22 @@ class ExpertOutputEMA(torch.nn.Module):
         self.register_buffer("table", zeros, persistent=False)
         updates = torch.zeros(num_experts, dtype=torch.int64, device=device)
         self.register_buffer("updates", updates, persistent=False)
-        self._active = False
-        self._sums: Optional[torch.Tensor] = None
 
-    def start(self, active: bool) -> None:
-        """Begins a forward of the layer; ``active`` when it takes the dense gradient."""
-        self._active, self._sums = active, None
-
-    def observe(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook of the experts module: adds this call's per-expert sums.
+    def expert_output_block(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> torch.Tensor:
+        """This rank's per-expert sums of one experts-module call, as an [E, H + 1] block.
 
         Args:
             module: The experts module (SequentialMLP, GroupedMLP or TEGroupedMLP).
             args: Its positional arguments (dispatched tokens, tokens per expert, probs).
             kwargs: Its keyword arguments.
-            output: (output [N, H], bias); see ``expert_output_sums``.
+            output: Its output, (output [N, H], bias); see ``expert_output_sums``.
+
+        Returns:
+            fp32 [E, H + 1]: the sums of E_e(x) in the local experts' rows, their token counts
+            in the last column (zero on expert-TP ranks other than 0), zeros elsewhere.
         """
-        if not self._active:
-            return
         names = ("permuted_local_hidden_states", "tokens_per_expert", "permuted_probs")
         # Megatron passes them positionally; accept keywords too.
         values = dict(zip(names, args, strict=False)) | kwargs
@@ -211,20 +210,23 @@ class ExpertOutputEMA(torch.nn.Module):
             local = slice(self.local_expert_offset, self.local_expert_offset + num_local)
             block[local, :-1] = sums
             block[local, -1] = counts
-        self._sums = block if self._sums is None else self._sums + block
+        return block
 
-    def finish(self) -> torch.Tensor:
-        """Ends the forward: reduces the sums over the groups, updates and returns A.
+    def update(self, block: Optional[torch.Tensor]) -> torch.Tensor:
+        """Reduces one forward call's block over the groups, updates and returns A.
+
+        Args:
+            block: The call's summed ``expert_output_block``s, [E, H + 1] fp32.
 
         Returns:
             The updated table, [num_experts, hidden_size] fp32. Later updates replace the
             buffer with a new tensor, so this one stays as it is for the backward.
 
         Raises:
-            RuntimeError: the experts module's forward hook did not run during this forward
-                (an experts module called other than through ``__call__``).
+            RuntimeError: ``block`` is None: the experts module's forward hook did not run
+                during this forward (an experts module called other than through
+                ``__call__``).
         """
-        block, self._active, self._sums = self._sums, False, None
         if block is None:
             raise RuntimeError(
                 "moe_dense_router_grad_estimator='ema': the experts module's forward hook did "
@@ -255,10 +257,26 @@ class ExpertOutputEMA(torch.nn.Module):
         return f"experts={self.table.shape[0]}, hidden={self.table.shape[1]}, decay={self.decay}"
 
 
-def attach_expert_output_ema(
+@dataclass(eq=False)
+class EMAEstimator:
+    """The EMA estimator for one forward call: G[t, e] = <g_t, A_e>, no token exchange."""
+
+    table: torch.Tensor
+    """A after this call's update, [num_experts, H] fp32."""
+
+    def routing_weight_grads(
+        self, hidden: torch.Tensor, grad: torch.Tensor, pairs: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """``ema_scores(grad, table)``, [num_tokens, num_experts] fp32; ``hidden`` and
+        ``pairs`` are unused (the options refuse approximations with this estimator)."""
+        del hidden, pairs
+        return ema_scores(grad, self.table)
+
+
+def build_expert_output_ema(
     layer: torch.nn.Module, config: Any, pg_collection: Any, decay: float
 ) -> ExpertOutputEMA:
-    """Builds the table for an MoE layer and hooks it to the layer's experts module.
+    """Builds the table for an MoE layer.
 
     Args:
         layer: A built MoELayer (its router, experts and local expert indices exist).
@@ -267,7 +285,11 @@ def attach_expert_output_ema(
         decay: ``moe_dense_router_grad_ema_decay``.
 
     Returns:
-        The module; assign it to the layer so that it moves with it.
+        The module; assign it to the layer so that it moves with it, and feed it from a
+        forward hook on the experts module (``expert_output_block``).
+
+    Raises:
+        ValueError: ``pg_collection`` has no expert data-parallel group.
     """
     expert_dp = getattr(pg_collection, "expt_dp", None)
     if expert_dp is None:
@@ -277,7 +299,7 @@ def attach_expert_output_ema(
             "(pg_collection.expt_dp) to keep the table identical on all ranks; pass a "
             "ProcessGroupCollection that has it, or use moe_dense_router_grad_estimator='exact'."
         )
-    ema = ExpertOutputEMA(
+    return ExpertOutputEMA(
         num_experts=config.num_moe_experts,
         hidden_size=config.hidden_size,
         decay=decay,
@@ -286,5 +308,3 @@ def attach_expert_output_ema(
         groups=(pg_collection.tp_ep, expert_dp),
         device=layer.router.weight.device,
     )
-    layer.experts.register_forward_hook(ema.observe, with_kwargs=True)
-    return ema

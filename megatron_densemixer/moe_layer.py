@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Optional
 
 import torch
 from megatron.core.process_groups_config import ProcessGroupCollection
@@ -11,25 +11,28 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer import compat
-from megatron_densemixer.autograd import DenseBackwardInputs, dense_router_grad
-from megatron_densemixer.ema import ExpertOutputEMA, attach_expert_output_ema
+from megatron_densemixer.autograd import (
+    DenseBackwardInputs,
+    DenseEstimator,
+    DenseRouterGradCall,
+    dense_router_grad,
+    dense_weight_grad,
+)
+from megatron_densemixer.check import watch_moe_layer
+from megatron_densemixer.ema import EMAEstimator, ExpertOutputEMA, build_expert_output_ema
 from megatron_densemixer.experts import local_expert_weights, local_experts
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
     dense_router_grad_options,
     validate_dense_router_grad,
 )
-from megatron_densemixer.reduction import DenseReduction, dense_chunk_size, dense_pairs
-from megatron_densemixer.router import DenseMixerTopKRouter
-
-
-class PendingDenseGrad(NamedTuple):
-    """What ``route`` hands to ``postprocess`` in one forward call."""
-
-    dense_probs: torch.Tensor
-    """The router's dense weights, [num_tokens, num_experts]; receives G in the backward."""
-    inputs: DenseBackwardInputs
-    """Everything else the backward needs."""
+from megatron_densemixer.reduction import (
+    DenseReduction,
+    ExactEstimator,
+    dense_chunk_size,
+    dense_pairs,
+)
+from megatron_densemixer.router import DenseMixerTopKRouter, recording_dense_router_grad
 
 
 class DenseMixerMoELayer(MoELayer):
@@ -48,8 +51,11 @@ class DenseMixerMoELayer(MoELayer):
             router or expert module is one the dense reduction does not cover.
     """
 
-    pending_dense_grad: Optional[PendingDenseGrad]
-    """Set by ``route`` when the dense gradient is active, consumed by ``postprocess``."""
+    dense_call: Optional[DenseRouterGradCall]
+    """The forward call in flight between ``route`` and ``postprocess``: set by ``route``
+    when the dense gradient is active, taken by ``postprocess`` (the same lifetime as
+    Megatron's token dispatcher's own per-call state). The backward never reads it: each
+    autograd Function holds its own call's record."""
 
     def __init__(
         self,
@@ -75,7 +81,8 @@ class DenseMixerMoELayer(MoELayer):
             pg_collection=pg_collection,
             **kwargs,
         )
-        self.pending_dense_grad = None
+        self.dense_call = None
+        self.dense_options = dense_router_grad_options(config)
         self.dense_reduction: Optional[DenseReduction] = None
         # The opt-in token sampling draws from its own generator, never the global one.
         self.dense_pair_generator = torch.Generator().manual_seed(
@@ -99,11 +106,12 @@ class DenseMixerMoELayer(MoELayer):
             expert_tp_rank=pg_collection.expt_tp.rank(),
             local_expert_offset=self.local_expert_indices[0],
         )
-        options = dense_router_grad_options(config)
-        if options.moe_dense_router_grad_estimator == "ema":
-            self.dense_router_grad_ema = attach_expert_output_ema(
-                self, config, pg_collection, options.moe_dense_router_grad_ema_decay
+        if self.dense_options.moe_dense_router_grad_estimator == "ema":
+            self.dense_router_grad_ema = build_expert_output_ema(
+                self, config, pg_collection, self.dense_options.moe_dense_router_grad_ema_decay
             )
+            self.experts.register_forward_hook(self._add_expert_output_sums, with_kwargs=True)
+        watch_moe_layer(self)
 
     def densemixer_router(self) -> DenseMixerTopKRouter:
         """The DenseMixer router, also behind PEFT wrappers (``to_wrap``) added after build.
@@ -123,82 +131,100 @@ class DenseMixerMoELayer(MoELayer):
             router = inner
         return router
 
+    def dense_router_grad_active(self) -> bool:
+        """Whether this forward call takes the dense gradient.
+
+        Flag on (at build), grad enabled (not eval without grad, RL log-prob passes or the
+        first pass of activation recompute) and any router parameter trainable, a PEFT
+        wrapper's adapter included; a fully frozen router stays exactly conventional.
+
+        Raises:
+            RuntimeError: the flag was turned on after the layer was built with it off.
+        """
+        if self.dense_reduction is None:
+            if dense_router_grad_enabled(self.config):
+                raise RuntimeError(
+                    "moe_dense_router_grad was turned on after this DenseMixerMoELayer was "
+                    "built with it off, so it has no dense reduction; set the flag in the "
+                    "config before building the model."
+                )
+            return False
+        return torch.is_grad_enabled() and any(p.requires_grad for p in self.router.parameters())
+
     def route(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any):
-        """MoELayer.route; when active, also records what the dense backward needs."""
-        probs, routing_map = super().route(hidden_states, *args, **kwargs)
-        self.pending_dense_grad = None
-        if self.dense_reduction is None and dense_router_grad_enabled(self.config):
+        """MoELayer.route; when active, the router side of the dense gradient.
+
+        Raises:
+            RuntimeError: active, but the router made no dense weights: its forward did not
+                run (a CUDA graph replayed the router) or its logits carry no gradient.
+        """
+        self.dense_call = None
+        call = DenseRouterGradCall() if self.dense_router_grad_active() else None
+        with recording_dense_router_grad(call):
+            probs, routing_map = super().route(hidden_states, *args, **kwargs)
+        if call is None:
+            return probs, routing_map
+        if call.dense_probs is None:
             raise RuntimeError(
-                "moe_dense_router_grad was turned on after this DenseMixerMoELayer was built "
-                "with it off, so it has no dense reduction; set the flag in the config before "
-                "building the model."
+                "moe_dense_router_grad=True: this training forward's route step made no dense "
+                "router weights (the router did not run, e.g. replayed from a CUDA graph whose "
+                "cuda_graph_scope holds moe_router, moe or the whole layer, or its logits have "
+                "no gradient), so the router would train conventionally. Capture attention "
+                "only (cuda_graph_scope=['attn']) or set cuda_graph_impl='none'."
             )
-        dense_probs = selected = None
-        if self.dense_reduction is not None:
-            router = self.densemixer_router()
-            dense_probs, router.dense_probs = router.dense_probs, None
-            # K: the routing map less dropped and padding pairs (token dropping).
-            selected, router.dense_selected = router.dense_selected, None
-            # Any trainable router parameter, the wrapper's adapter included, turns it on; a
-            # fully frozen router stays exactly conventional (no reduction).
-            if not any(p.requires_grad for p in self.router.parameters()):
-                dense_probs = None
-        if dense_probs is not None:
-            options = dense_router_grad_options(self.config)
-            self.pending_dense_grad = PendingDenseGrad(
-                dense_probs,
-                DenseBackwardInputs(
-                    hidden_states=hidden_states,
-                    probs=probs.detach(),
-                    routing_map=selected,
-                    experts=local_experts(self.experts, self.config),
-                    reduction=self.dense_reduction,
-                    variant=options.moe_dense_router_grad_variant,
-                    token_fraction=options.moe_dense_router_grad_token_fraction,
-                    pairs=dense_pairs(
-                        dense_probs.detach(), selected, self.config, self.dense_pair_generator
-                    ),
-                ),
-            )
-        if self.dense_router_grad_ema is not None:
-            self.dense_router_grad_ema.start(active=self.pending_dense_grad is not None)
-        return probs, routing_map
+        dense_probs, call.dense_probs = call.dense_probs, None
+        call.hidden_states = hidden_states.detach()
+        call.probs = probs.detach()
+        call.pairs = dense_pairs(
+            dense_probs.detach(), call.selected, self.config, self.dense_pair_generator
+        )
+        self.dense_call = call
+        return dense_router_grad(probs, dense_probs, call), routing_map
 
     def postprocess(self, output: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """MoELayer.postprocess, then DenseMixer's straight-through function when active."""
+        """MoELayer.postprocess; when active, the output side of the dense gradient."""
         output = super().postprocess(output, *args, **kwargs)
-        pending, self.pending_dense_grad = self.pending_dense_grad, None
-        if pending is not None:
-            if self.dense_router_grad_ema is not None:
-                pending.inputs.ema_table = self.dense_router_grad_ema.finish()
-            output = dense_router_grad(output, pending.dense_probs, pending.inputs)
-        return output
+        call, self.dense_call = self.dense_call, None
+        if call is None:
+            return output
+        hidden_states = call.hidden_states
+        if output.numel() != hidden_states.numel():
+            raise RuntimeError(
+                f"moe_dense_router_grad: postprocess got {tuple(output.shape)} but the route "
+                f"step of the call in flight saw {tuple(hidden_states.shape)}; a schedule must "
+                "run an MoE layer's route ... postprocess of one forward call before the next."
+            )
+        options = self.dense_options
+        inputs = DenseBackwardInputs(
+            hidden_states=hidden_states,
+            probs=call.probs,
+            selected=call.selected,
+            estimator=self._estimator(call),
+            variant=options.moe_dense_router_grad_variant,
+            topk_scaling_factor=self.config.moe_router_topk_scaling_factor,
+            token_fraction=options.moe_dense_router_grad_token_fraction,
+            pairs=call.pairs,
+        )
+        # From here the saved tensors live in the Function alone; the record keeps the slot
+        # for the gradient.
+        call.hidden_states = call.probs = call.selected = call.pairs = None
+        return dense_weight_grad(output, inputs, call)
 
+    def _estimator(self, call: DenseRouterGradCall) -> DenseEstimator:
+        """The estimator of G for this call: the EMA table after this call's update, or the
+        exact reduction over this rank's experts."""
+        if self.dense_router_grad_ema is not None:
+            sums, call.expert_output_sums = call.expert_output_sums, None
+            return EMAEstimator(self.dense_router_grad_ema.update(sums))
+        return ExactEstimator(self.dense_reduction, local_experts(self.experts, self.config))
 
-def check_dense_router_grad_applied(model: Any) -> None:
-    """Raises if a model's config asks for DenseMixer but an MoE layer would not apply it.
-
-    Call it once on a built model (a module or a list of model chunks) wherever the plugin
-    does not build the model itself: a custom spec, a framework's own model builder. The
-    launcher, the Megatron-Bridge provider wrapper and the verl patches call it for you.
-
-    Raises:
-        RuntimeError: an MoE layer whose config has ``moe_dense_router_grad=True`` is not a
-            DenseMixerMoELayer with a DenseMixerTopKRouter (its spec was not passed through
-            ``densemixer_spec``), so it would train conventionally.
-    """
-    chunks = model if isinstance(model, (list, tuple)) else [model]
-    for chunk in chunks:
-        for name, module in chunk.named_modules():
-            if not (isinstance(module, MoELayer) and dense_router_grad_enabled(module.config)):
-                continue
-            if not (
-                isinstance(module, DenseMixerMoELayer)
-                and isinstance(module.router, DenseMixerTopKRouter)
-            ):
-                raise RuntimeError(
-                    f"moe_dense_router_grad=True, but MoE layer {name or type(chunk).__name__} "
-                    f"is a {type(module).__name__} with router {type(module.router).__name__}: "
-                    "it would train conventionally. Build the layer spec with "
-                    "megatron_densemixer.densemixer_spec(spec)."
-                )
+    def _add_expert_output_sums(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any
+    ) -> None:
+        """Forward hook of the experts module (EMA estimator): adds this call's sums."""
+        call = self.dense_call
+        if call is None:
+            return
+        block = self.dense_router_grad_ema.expert_output_block(module, args, kwargs, output)
+        sums = call.expert_output_sums
+        call.expert_output_sums = block if sums is None else sums + block

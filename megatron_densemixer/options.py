@@ -117,7 +117,27 @@ def dense_router_grad_options(config: Any) -> DenseMixerOptions:
 
 def dense_router_grad_enabled(config: Any) -> bool:
     """Whether ``config`` asks for DenseMixer router gradients."""
-    return dense_router_grad_options(config).moe_dense_router_grad is True
+    return getattr(config, "moe_dense_router_grad", False) is True
+
+
+# CudaGraphScope names whose capture holds the router: the whole layer (an empty scope, which
+# Megatron makes of "full"), the whole iteration, the MoE layer, or the router itself.
+_ROUTER_SCOPES = ("full_iteration", "moe", "moe_router")
+
+
+def replays_router(config: Any) -> bool:
+    """Whether a training forward under ``config``'s CUDA graphs replays the router.
+
+    A replayed router runs no Python: ``MoELayer.route`` hands back the captured probs and
+    routing map, and no dense weights are made.
+    """
+    if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
+        return False
+    scope = getattr(config, "cuda_graph_scope", None) or []
+    if isinstance(scope, str):
+        scope = [s for s in scope.split(",") if s and s != "full"]
+    names = [getattr(s, "name", s) for s in scope]
+    return not names or any(name in _ROUTER_SCOPES for name in names)
 
 
 def approximates(options: DenseMixerOptions) -> bool:
@@ -314,8 +334,16 @@ def validate_dense_router_grad(config: Any) -> None:
             "fp8/fp4 expert weights are not supported by the dense reduction yet; "
             "train in bf16 or fp32 (unset fp8/fp4)."
         )
-    # Under a (partial) CUDA graph, MoELayer.route hands back the replayed graph's probs and
-    # routing map without running the router: no dense weights would be made and the router
-    # would silently train conventionally.
-    if getattr(config, "cuda_graph_impl", "none") != "none":
-        fail(f"cuda_graph_impl={config.cuda_graph_impl!r} is not supported; set it to 'none'.")
+    # Transformer Engine's CUDA graphs are a training feature; one that holds the router replays
+    # it without running it, so no dense weights would be made. The local implementation also
+    # serves inference copies built from the same config, so it is checked at the first
+    # training forward instead (megatron_densemixer.check).
+    if getattr(config, "cuda_graph_impl", "none") == "transformer_engine" and replays_router(
+        config
+    ):
+        fail(
+            "cuda_graph_impl='transformer_engine' with a cuda_graph_scope that captures the "
+            "router (moe_router, moe, or the whole layer) replays it without making dense "
+            "weights; capture attention only (cuda_graph_scope=['attn']) or set "
+            "cuda_graph_impl='none'."
+        )

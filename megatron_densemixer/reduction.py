@@ -138,6 +138,21 @@ class DenseReduction:
         return scores.flatten(1)
 
 
+@dataclass(eq=False)
+class ExactEstimator:
+    """The exact estimator: every local expert recomputed on every token (``DenseReduction``)."""
+
+    reduction: DenseReduction
+    experts: LocalExperts
+    """This rank's local experts, as weights or as the module (``experts.local_experts``)."""
+
+    def routing_weight_grads(
+        self, hidden: torch.Tensor, grad: torch.Tensor, pairs: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """``DenseReduction.scores``: G for this rank's tokens and all experts."""
+        return self.reduction.scores(hidden, grad, self.experts, pairs)
+
+
 def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtype) -> int:
     """Tokens per chunk of the dense reduction, for experts of F ``ffn_size`` in ``dtype``.
 

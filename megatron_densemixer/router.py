@@ -2,21 +2,45 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, Tuple
+import contextlib
+import contextvars
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_densemixer.options import (
-    dense_router_grad_enabled,
-    renormalises_topk,
-    validate_dense_router_grad,
-)
+from megatron_densemixer.autograd import DenseRouterGradCall
+from megatron_densemixer.options import renormalises_topk, validate_dense_router_grad
 
 # Megatron adds this to the denominator of sigmoid-style renormalisation.
 _RENORM_EPS = 1e-20
+
+# The call a DenseMixer layer's route step is recording, set only for the duration of that
+# synchronous step: the router reports into it without any attribute that outlives the call.
+_RECORDING: contextvars.ContextVar[Optional[DenseRouterGradCall]] = contextvars.ContextVar(
+    "dense_router_grad_call", default=None
+)
+
+
+@contextlib.contextmanager
+def recording_dense_router_grad(call: Optional[DenseRouterGradCall]) -> Iterator[None]:
+    """Within this block, a DenseMixerTopKRouter's ``routing`` records into ``call``.
+
+    Args:
+        call: The record to fill (``dense_probs``, ``selected``); None records nothing.
+    """
+    token = _RECORDING.set(call)
+    try:
+        yield
+    finally:
+        _RECORDING.reset(token)
+
+
+def recording_call() -> Optional[DenseRouterGradCall]:
+    """The call being recorded by the enclosing ``recording_dense_router_grad``, if any."""
+    return _RECORDING.get()
 
 
 def router_scores(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -119,13 +143,12 @@ class _TopkRecorder:
 
 
 class DenseMixerTopKRouter(TopKRouter):
-    """TopKRouter whose routing also records the dense weights of the non-selected experts.
+    """TopKRouter whose routing also makes the dense weights of the non-selected experts.
 
-    Its probs and routing_map are the parent's, untouched. When the dense router gradient is
-    active (flag on, grad enabled, logits with a gradient), ``routing`` also computes
-    ``dense_router_probs`` from the same logits and selection and leaves them in
-    ``dense_probs`` (and the selected set K in ``dense_selected``) for the MoE layer, which
-    takes them (and resets the attributes) in its ``route`` step.
+    Its probs and routing_map are the parent's, untouched. Inside a DenseMixer layer's route
+    step that records a call (``recording_dense_router_grad``) and when the logits carry a
+    gradient, ``routing`` also computes ``dense_router_probs`` from the same logits and
+    selection and leaves them, with the selected set K, in that call's record.
 
     With token dropping (``moe_expert_capacity_factor``), K is the top-k pairs that survived
     capacity: Megatron's routing map without the dropped pairs and without the zero-probability
@@ -133,38 +156,14 @@ class DenseMixerTopKRouter(TopKRouter):
     dropping, as Megatron's kept probs do.
     """
 
-    dense_probs: Optional[torch.Tensor]
-    """The dense weights of the last active ``routing`` call, [num_tokens, num_experts];
-    None once the layer has taken them, or when the dense gradient is inactive."""
-    dense_selected: Optional[torch.Tensor]
-    """The selected set K of that call, bool [num_tokens, num_experts]; the routing map
-    unless tokens were dropped or padded to capacity."""
-
     def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
         validate_dense_router_grad(config)
         super().__init__(config, *args, **kwargs)
-        self.dense_probs = None
-        self.dense_selected = None
-
-    def dense_router_grad_active(self, logits: torch.Tensor) -> bool:
-        """Whether this call makes the dense weights.
-
-        Not with the flag off, under no_grad (eval, RL log-prob passes, the first pass of
-        activation recompute) or when the logits carry no gradient. Whether a router parameter
-        is trainable is the layer's decision (``DenseMixerMoELayer.route``): a PEFT wrapper
-        around this router (Megatron-Bridge's ``LoRATopKRouter``) holds the trainable adapter
-        while this module's own weight is frozen, and only the layer sees the wrapper.
-        """
-        return (
-            dense_router_grad_enabled(self.config)
-            and torch.is_grad_enabled()
-            and logits.requires_grad
-        )
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
-        """Megatron's top-k routing, plus the dense weights when active."""
-        self.dense_probs = self.dense_selected = None
-        active = self.dense_router_grad_active(logits)
+        """Megatron's top-k routing; records the dense weights into the current call."""
+        call = recording_call()
+        active = call is not None and torch.is_grad_enabled() and logits.requires_grad
         recorder = None
         if active and self.config.moe_expert_capacity_factor is not None:
             # Token dropping: record the top-k before dropping (swapped in for this call only).
@@ -187,8 +186,8 @@ class DenseMixerTopKRouter(TopKRouter):
                 )
             topk_map = torch.zeros_like(routing_map).scatter_(1, recorder.top_indices, True)
             selected = routing_map & topk_map
-        self.dense_selected = selected
-        self.dense_probs = dense_router_probs(
+        call.selected = selected
+        call.dense_probs = dense_router_probs(
             logits.reshape(-1, self.config.num_moe_experts), selected, self.config, topk_map
         )
         return probs, routing_map

@@ -207,7 +207,7 @@ def test_no_dense_work_without_grad(count_dense_work):
         y, _ = dense(x)
         y_conv, _ = conventional(x)
     assert torch.equal(y, y_conv)
-    assert dense.router.dense_probs is None
+    assert dense.dense_call is None
     assert count_dense_work == []
 
     dense.router.weight.requires_grad_(False)

@@ -25,8 +25,8 @@ from typing import Any, Callable, Optional, Union
 
 from megatron.core.transformer.spec_utils import ModuleSpec
 
+from megatron_densemixer.check import check_dense_router_grad_applied
 from megatron_densemixer.integrations import require_version
-from megatron_densemixer.moe_layer import check_dense_router_grad_applied
 from megatron_densemixer.options import (
     OPTION_NAMES,
     DenseMixerOptions,

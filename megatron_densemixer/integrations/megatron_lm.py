@@ -33,8 +33,8 @@ from megatron.core import package_info
 from megatron.core.transformer.transformer_config import TransformerConfig
 from packaging.version import Version
 
+from megatron_densemixer.check import check_dense_router_grad_applied
 from megatron_densemixer.config import densemixer_config
-from megatron_densemixer.moe_layer import check_dense_router_grad_applied
 from megatron_densemixer.options import OPTION_NAMES, DenseMixerOptions
 from megatron_densemixer.spec import DenseMixerSpecFunction, densemixer_spec
 

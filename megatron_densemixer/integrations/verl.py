@@ -29,13 +29,13 @@ import functools
 import importlib
 from typing import Any, Callable
 
+from megatron_densemixer.check import check_dense_router_grad_applied
 from megatron_densemixer.integrations import is_patched, mark_patched, require_version
 from megatron_densemixer.integrations.megatron_bridge import (
     SUPPORTED_BRIDGE,
     TESTED_BRIDGE,
     densemixer_provider,
 )
-from megatron_densemixer.moe_layer import check_dense_router_grad_applied
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
     split_options,
