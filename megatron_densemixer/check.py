@@ -12,12 +12,13 @@ case when called on a built model; the watch below runs the same check by itself
 - every Megatron MoE layer whose config has the flag on gets a forward pre-hook on its router
   (the one module every path runs, the EP overlap schedule's included, which calls the layer's
   step methods rather than its forward);
-- at the first training forward (module in training mode, grad enabled) of any of them, all
-  the watched layers of that config (a model's layers share it) are looked at once and their
-  hooks removed: a layer that would train conventionally raises, a training forward under a
-  local CUDA graph that replays the routers raises, and frozen routers are named in one
-  warning. Forwards without grad (inference copies, RL log-prob passes) leave the hooks in
-  place and are never refused.
+- at the first training forward (module in training mode, grad enabled) of any of them, the
+  watched layers of that config in training mode (a model's layers share its config) are
+  looked at together: a layer that would train conventionally raises, and so does a training
+  forward under a local CUDA graph that replays the routers (the hooks stay, so every
+  training forward raises again); otherwise frozen routers are named in one warning and the
+  hooks are removed. Forwards without grad (inference copies, RL log-prob passes) leave the
+  hooks in place and are never refused.
 """
 
 from __future__ import annotations
@@ -131,18 +132,17 @@ def _first_training_forward_hook(layer_ref: "weakref.ReferenceType[MoELayer]") -
 
 
 def _look_at_group(layer: MoELayer) -> None:
-    """Looks once at every watched layer sharing ``layer``'s config; removes their hooks."""
-    refs = _WATCHED.pop(id(layer.config), [])
-    layers = [m for m in (r() for r in refs) if m is not None]
-    if layer not in layers:
-        layers.append(layer)
-    for member in layers:
-        handle = getattr(member, _HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            object.__setattr__(member, _HOOK_ATTR, None)
+    """Looks once at the watched layers sharing ``layer``'s config that are in training mode
+    (a model's layers share its config; an inference copy in eval mode is left out).
+
+    Raises (keeping the hooks, so every training forward raises again) for layers that would
+    train conventionally; otherwise warns once about frozen routers and removes the hooks.
+    """
+    refs = _WATCHED.get(id(layer.config), [])
+    alive = [m for m in (r() for r in refs) if m is not None]
+    group = [m for m in alive if m.training] or [layer]
     config = layer.config
-    not_applied = [m for m in layers if not applies_dense_router_grad(m)]
+    not_applied = [m for m in group if not applies_dense_router_grad(m)]
     if not_applied:
         raise RuntimeError(_not_applied_message(_layer_names(not_applied), not_applied))
     if replays_router(config):
@@ -154,7 +154,13 @@ def _look_at_group(layer: MoELayer) -> None:
             "or set cuda_graph_impl='none' for training; an inference copy of the model (no "
             "gradients) may keep its CUDA graphs."
         )
-    frozen = [m for m in layers if not any(p.requires_grad for p in m.router.parameters())]
+    _WATCHED[id(config)] = [weakref.ref(m) for m in alive if m not in group]
+    for member in group:
+        handle = getattr(member, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            object.__setattr__(member, _HOOK_ATTR, None)
+    frozen = [m for m in group if not any(p.requires_grad for p in m.router.parameters())]
     if frozen:
         logger.warning(
             "moe_dense_router_grad=True, but the routers of MoE layer(s) %s have no trainable "

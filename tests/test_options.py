@@ -9,7 +9,7 @@ from fractions import Fraction
 import pytest
 
 from megatron_densemixer.options import validate_dense_router_grad
-from tests.support.builders import make_config, parallel_config
+from tests.support.builders import make_config
 
 
 def test_defaults():
