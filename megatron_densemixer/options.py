@@ -218,6 +218,7 @@ def _check_types(options: DenseMixerOptions) -> None:
             f"{budget!r}; the default is 256."
         )
     topm = options.moe_dense_router_grad_topm
+    # M <= k would score no non-selected expert; M > E does not exist.
     if topm is not None and not _is_int(topm):
         raise ValueError(
             f"moe_dense_router_grad_topm must be an integer or None, got {topm!r}; set None "
@@ -271,9 +272,11 @@ def validate_dense_router_grad(config: Any) -> None:
     def fail(message: str) -> None:
         raise ValueError(f"moe_dense_router_grad=True: {message}")
 
+    # Without experts there is no router to give a gradient to.
     if not num_experts:
         fail("requires an MoE model; set num_moe_experts.")
     topm = options.moe_dense_router_grad_topm
+    # M <= k would score no non-selected expert; M > E does not exist.
     if topm is not None and not config.moe_router_topk < topm <= num_experts:
         fail(
             f"moe_dense_router_grad_topm={topm} must satisfy moe_router_topk "
@@ -295,6 +298,7 @@ def validate_dense_router_grad(config: Any) -> None:
             "'seq_aux_loss', 'global_aux_loss' or 'none'."
         )
     score_functions = compat.supported_score_functions()
+    # dense_router_probs recomputes s from the logits for these score functions only.
     if config.moe_router_score_function not in score_functions:
         fail(
             f"moe_router_score_function={config.moe_router_score_function!r} is not supported; "
@@ -322,13 +326,19 @@ def validate_dense_router_grad(config: Any) -> None:
     # With probs applied on the input, E_e(w x) is not linear in w and G_e is not dL/dw_e.
     if config.moe_apply_probs_on_input:
         fail("moe_apply_probs_on_input=True is not supported; set it to False.")
+    # Latent projections put fc1/fc2_latent_proj around the experts: E_e is no longer the
+    # expert module alone, and the dense reduction does not recompute them.
     if getattr(config, "moe_latent_size", None):
         fail("moe_latent_size (latent MoE projections) is not supported; set it to None.")
+    # The dense reduction never touches the dispatcher, but a dispatcher it has not been run
+    # with (a future type) is refused until it has been.
     if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHERS:
         fail(
             f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} is not supported; "
             f"use one of {SUPPORTED_DISPATCHERS}."
         )
+    # The dense reduction reads expert weights as plain tensors; quantised ones need their
+    # own GEMMs, which have not run on a GPU yet.
     if config.fp8 or getattr(config, "fp4", None):
         fail(
             "fp8/fp4 expert weights are not supported by the dense reduction yet; "
