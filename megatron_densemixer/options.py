@@ -15,8 +15,6 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Literal, Mapping, Optional
 
-from megatron_densemixer import compat
-
 DENSE_ROUTER_GRAD_VARIANTS = ("partscale", "gated")
 DENSE_ROUTER_GRAD_ESTIMATORS = ("exact", "ema")
 SUPPORTED_DISPATCHERS = ("allgather", "alltoall", "flex")
@@ -254,9 +252,17 @@ def validate_dense_router_grad(config: Any) -> None:
     carrying the ``moe_dense_router_grad*`` attributes, so frameworks that build their own
     config class can call it too.
 
+    With the flag on it also installs the build-time watch of ``megatron_densemixer.check``
+    (every entry path validates, so every path is watched).
+
     Raises:
         ValueError: naming the option, the value and the fix.
     """
+    # Megatron is imported here, where a config is validated, not at import: the options and
+    # the arithmetic cost model (``python -m megatron_densemixer.cost``) do not need it.
+    from megatron_densemixer import compat
+    from megatron_densemixer.check import watch_moe_layers
+
     options = dense_router_grad_options(config)
     _check_types(options)
     num_experts = config.num_moe_experts
@@ -268,6 +274,8 @@ def validate_dense_router_grad(config: Any) -> None:
         )
     if not options.moe_dense_router_grad:
         return
+
+    watch_moe_layers()
 
     def fail(message: str) -> None:
         raise ValueError(f"moe_dense_router_grad=True: {message}")

@@ -3,6 +3,8 @@ FLOPs, and the cluster model behind ``python -m megatron_densemixer.cost``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -255,3 +257,36 @@ def test_cli(capsys):
     assert "T=128 tokens/rank" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="give --model or all of --topk"):
         cost_cli.main(["--experts", "8", "--hidden", "64", "--ffn", "32", "--tokens", "16"])
+
+
+BAD_CLI = [
+    (["--ep", "0"], "--ep must be a positive integer, got 0"),
+    (["--topk", "0"], "--topk must be a positive integer, got 0"),
+    (["--topk", "16", "--experts", "8"], r"--topk \(16\) must not exceed --experts \(8\)"),
+    (["--tokens", "-5"], "--tokens must be a positive integer, got -5"),
+    (["--ep", "3", "--experts", "8", "--topk", "2"], r"--ep \(3\) must divide --experts \(8\)"),
+    (["--etp", "3"], r"--etp \(3\) must divide --ffn \(2048\)"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_CLI, ids=[" ".join(f) for f, _ in BAD_CLI])
+def test_cli_refuses_bad_shapes(flags, message):
+    """--ep 0 / --topk 0 divided by zero, --topk 16 with 8 experts printed 0.17x, --tokens -5
+    printed negative costs and --ep 3 with 8 experts was floored silently: each is refused
+    with the flag named."""
+    with pytest.raises(SystemExit, match=f"error: {message}"):
+        cost_cli.main(["--model", "deepseek-v3", *flags])
+
+
+def test_cli_imports_neither_torch_nor_megatron():
+    """The cost model is arithmetic: importing the package and running its CLI used to take
+    about 8 s of Megatron imports and print Megatron's warnings."""
+    code = (
+        "import sys, megatron_densemixer, megatron_densemixer.cost.__main__ as cli; "
+        "cli.main(['--model', 'qwen3-30b-a3b']); "
+        "print(megatron_densemixer.__version__, 'torch' in sys.modules, 'megatron' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1].endswith(" False False")
+    assert result.stderr == ""

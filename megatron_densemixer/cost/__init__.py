@@ -8,12 +8,13 @@ functions only read a layer's numbers from its TransformerConfig.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
-
-import torch
-from megatron.core.transformer.transformer_config import TransformerConfig
+from typing import TYPE_CHECKING, NamedTuple, Optional
 
 from megatron_densemixer.options import approximates, dense_router_grad_options
+
+if TYPE_CHECKING:  # plain arithmetic: neither torch nor Megatron is imported to run it
+    import torch
+    from megatron.core.transformer.transformer_config import TransformerConfig
 
 SCORE_BYTES = 4
 """Bytes of one partial score G[t, e]: the reduction accumulates in fp32."""
@@ -90,7 +91,7 @@ def layer_shape(
         gated=config.gated_linear_unit,
         ep=ep,
         etp=etp or config.tensor_model_parallel_size,
-        element_size=torch.empty((), dtype=dtype or config.params_dtype).element_size(),
+        element_size=(dtype or config.params_dtype).itemsize,
         approximate=approximates(dense_router_grad_options(config)),
     )
 
@@ -301,5 +302,4 @@ def dense_chunk_bytes_per_token(
     config: TransformerConfig, ffn_size: int, dtype: torch.dtype
 ) -> int:
     """``chunk_bytes_per_token`` for a config's experts with weights of ``dtype``."""
-    element = torch.empty((), dtype=dtype).element_size()
-    return chunk_bytes_per_token(ffn_size, config.gated_linear_unit, element)
+    return chunk_bytes_per_token(ffn_size, config.gated_linear_unit, dtype.itemsize)

@@ -57,11 +57,32 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_shape(shape: MoELayerShape) -> None:
+    """Refuses a layer shape the formulas would turn into nonsense, naming the flag.
+
+    Raises:
+        ValueError: a size is not positive, ``--topk`` exceeds ``--experts``, ``--ep`` does
+            not divide ``--experts`` or ``--etp`` does not divide ``--ffn``.
+    """
+    flags = {field: flag for flag, field, _ in SHAPE_ARGS}
+    for field, flag in flags.items():
+        if getattr(shape, field) < 1:
+            raise ValueError(f"{flag} must be a positive integer, got {getattr(shape, field)}")
+    if shape.topk > shape.num_experts:
+        raise ValueError(f"--topk ({shape.topk}) must not exceed --experts ({shape.num_experts})")
+    # Each EP rank holds E / EP whole experts, each expert-TP rank F / ETP of each.
+    if shape.num_experts % shape.ep:
+        raise ValueError(f"--ep ({shape.ep}) must divide --experts ({shape.num_experts})")
+    if shape.ffn % shape.etp:
+        raise ValueError(f"--etp ({shape.etp}) must divide --ffn ({shape.ffn})")
+
+
 def predict(args: argparse.Namespace, model: Optional[str], device: str) -> ClusterCost:
     """The prediction for one preset (or none) with the command line's overrides applied.
 
     Raises:
-        ValueError: A shape flag is missing and no ``--model`` supplies it.
+        ValueError: A shape flag is missing and no ``--model`` supplies it, or the shape is
+            refused by ``check_shape``.
     """
     fields = [field for _, field, _ in SHAPE_ARGS] + ["gated"]
     overrides = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
@@ -72,6 +93,7 @@ def predict(args: argparse.Namespace, model: Optional[str], device: str) -> Clus
         shape = MoELayerShape(**overrides)
     else:
         shape = MODELS[model].shape._replace(**overrides)
+    check_shape(shape)
     tokens = chunk_tokens(args, shape.local_ffn, shape.gated, shape.element_size)
     return cluster_cost(shape, DEVICES[device], tokens)
 
