@@ -1,21 +1,16 @@
 """Extra peak memory of the dense backward's exchange at several EP sizes (gloo, on CPU).
 
-``python -m benchmarks.exchange_memory [--baseline REV]`` runs ``DenseReduction.scores`` (the
-part of the backward that DenseMixer adds) in EP=2 and EP=4 gloo worlds with the same tokens
-per rank, and reports each rank's peak of live tensor bytes during the call above what was
-live before it (torch.profiler's CPU allocator events, ``benchmarks.measure``), against the
-budget ``cost.memory_bytes`` promises. With ``--baseline REV`` it also runs the
-``megatron_densemixer/reduction.py`` of git revision REV on the same inputs, and reports its
-peak and the largest difference of its scores from the current ones (relative to their
-largest magnitude).
+``python -m benchmarks.exchange_memory`` runs ``TokenRing.routing_weight_grads`` (the part of
+the backward that DenseMixer adds) in EP=2, 4 and 8 gloo worlds with the same tokens per rank,
+and reports each rank's peak of live tensor bytes during the call above what was live before
+it (torch.profiler's CPU allocator events, ``benchmarks.measure``), against the budget
+``cost.memory_bytes`` promises.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
-import subprocess
 import sys
 import tempfile
 from collections.abc import Sequence
@@ -29,25 +24,14 @@ import torch.nn.functional as F
 from benchmarks.measure import peak_step_bytes
 from megatron_densemixer.cost import MoELayerShape, memory_bytes
 from megatron_densemixer.experts import ExpertWeights
-from megatron_densemixer.reduction import DenseReduction, dense_chunk_size
+from megatron_densemixer.ring import TokenRing, dense_chunk_size
 from tests.support.megatron_cpu import run_distributed
 
 MIB = 2**20
 
 
-def _load_reduction(path: Optional[str]) -> Any:
-    """The DenseReduction class of the module file at ``path`` (None: the current one)."""
-    if path is None:
-        return DenseReduction
-    spec = importlib.util.spec_from_file_location("baseline_reduction", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module.DenseReduction
-
-
-def _worker(rank: int, world: int, args: dict[str, Any], baseline: Optional[str], out: str):
-    """One EP rank: the peak of each implementation's ``scores`` call, and its scores."""
+def _worker(rank: int, world: int, args: dict[str, Any], out: str):
+    """One EP rank: the peak of the ring's ``routing_weight_grads`` call."""
     import torch.distributed as dist
 
     config = SimpleNamespace(gated_linear_unit=True, activation_func=F.silu)
@@ -68,30 +52,21 @@ def _worker(rank: int, world: int, args: dict[str, Any], baseline: Optional[str]
     g = torch.randn(tokens, hidden, generator=gen)
     chunk = dense_chunk_size(config, ffn, torch.float32)
     result: dict[str, Any] = {"chunk_tokens": chunk}
-    scores = {}
-    for name, path in (("current", None), ("baseline", baseline)):
-        if name == "baseline" and path is None:
-            continue
-        reduction = _load_reduction(path)(
-            config=config,
-            chunk_size=chunk,
-            tp_ep_group=dist.group.WORLD,
-            local_expert_offset=rank * local,
-        )
-        scores[name] = reduction.scores(x, g, weights)  # warm-up: gloo's connections
-        del scores[name]
-        result[f"{name}_peak"] = peak_step_bytes(lambda r=reduction: r.scores(x, g, weights))
-        scores[name] = reduction.scores(x, g, weights)
-    if "baseline" in scores:
-        diff = (scores["current"] - scores["baseline"]).abs().max()
-        result["max_rel_diff"] = float(diff / scores["baseline"].abs().max())
+    ring = TokenRing(
+        config=config,
+        chunk_size=chunk,
+        tp_ep_group=dist.group.WORLD,
+        local_expert_offset=rank * local,
+    )
+    ring.routing_weight_grads(x, g, weights)  # warm-up: gloo's connections
+    result["current_peak"] = peak_step_bytes(lambda: ring.routing_weight_grads(x, g, weights))
     Path(out, f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def measure(args: dict[str, Any], ep: int, baseline: Optional[str]) -> dict[str, Any]:
+def measure(args: dict[str, Any], ep: int) -> dict[str, Any]:
     """Runs ``_worker`` in an EP-rank gloo world; the largest figures over its ranks."""
     with tempfile.TemporaryDirectory() as out:
-        run_distributed(_worker, ep, args, baseline, out)
+        run_distributed(_worker, ep, args, out)
         ranks = [json.loads(p.read_text()) for p in sorted(Path(out).glob("rank*.json"))]
     merged = {k: max(r[k] for r in ranks) for k in ranks[0]}
     shape = MoELayerShape(
@@ -109,29 +84,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--ffn", type=int, default=64)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--ep", type=int, nargs="+", default=[2, 4, 8])
-    parser.add_argument("--baseline", default=None, help="git revision to compare with")
     args = parser.parse_args(argv)
     sizes = {k: getattr(args, k) for k in ("tokens", "hidden", "ffn", "experts")}
-    with tempfile.TemporaryDirectory() as tmp:
-        baseline = None
-        if args.baseline:
-            baseline = str(Path(tmp, "baseline_reduction.py"))
-            source = subprocess.run(
-                ["git", "show", f"{args.baseline}:megatron_densemixer/reduction.py"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-            Path(baseline).write_text(source)
-        results = {ep: measure(sizes, ep, baseline) for ep in args.ep}
+    results = {ep: measure(sizes, ep) for ep in args.ep}
     print(
         f"fp32, T={args.tokens} tokens per rank, H={args.hidden}, F={args.ffn} (SwiGLU), "
         f"E={args.experts}; peak MiB over ranks",
         file=sys.stderr,
     )
     head = "| EP | budget MiB | peak MiB | peak / budget |"
-    if baseline:
-        head += f" {args.baseline} peak MiB | max rel. diff of G |"
     print(head)
     print("|" + "--:|" * (head.count("|") - 1))
     for ep, r in results.items():
@@ -139,8 +100,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
             f"| {ep} | {r['budget'] / MIB:.1f} | {r['current_peak'] / MIB:.1f} "
             f"| {r['current_peak'] / r['budget']:.3f} |"
         )
-        if baseline:
-            line += f" {r['baseline_peak'] / MIB:.1f} | {r['max_rel_diff']:.1e} |"
         print(line)
 
 

@@ -82,7 +82,7 @@ def bench_shape(shape: Shape, warmup: int, repeats: int, progress: Progress) -> 
     }
     progress.step(f"{shape.name} memory profiled")
 
-    chunk_tokens = min(densemixer.dense_reduction.chunk_size, shape.tokens)
+    chunk_tokens = min(densemixer.dense_token_ring.chunk_size, shape.tokens)
     return {
         "shape": dataclasses.asdict(shape),
         "theory": {

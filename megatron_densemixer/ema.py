@@ -3,7 +3,7 @@
 ``moe_dense_router_grad_estimator="ema"`` (after Default MoE, Panda et al. 2025, arXiv
 2504.12463, here as a straight-through gradient with the forward left conventional) keeps
 A_e, a running mean of expert e's output E_e(x) (without its routing weight) over the tokens
-that selected e, and in the backward scores every token against it:
+that selected e, and in the backward projects every token's g on it:
 
     G[t, e] = <g_t, A_e>          one [T, H] x [H, E] GEMM instead of E expert recomputes
 
@@ -121,7 +121,7 @@ def ema_update(
     return torch.where(seen, blended, table), updates + seen.squeeze(-1).long()
 
 
-def ema_scores(grad: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+def ema_routing_weight_grads(grad: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """G[t, e] = <g_t, A_e>, [num_tokens, E] fp32.
 
     Args:
@@ -267,10 +267,10 @@ class EMAEstimator:
     def routing_weight_grads(
         self, hidden: torch.Tensor, grad: torch.Tensor, pairs: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """``ema_scores(grad, table)``, [num_tokens, num_experts] fp32; ``hidden`` and
+        """``ema_routing_weight_grads(grad, table)``, [num_tokens, num_experts] fp32; ``hidden`` and
         ``pairs`` are unused (the options refuse approximations with this estimator)."""
         del hidden, pairs
-        return ema_scores(grad, self.table)
+        return ema_routing_weight_grads(grad, self.table)
 
 
 def build_expert_output_ema(

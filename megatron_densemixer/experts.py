@@ -1,11 +1,11 @@
-"""The expert function as the dense reduction sees it: weights, activation, scores.
+"""The expert function as the dense reduction sees it: weights, activation, G.
 
 G[t, e] = <g_t, E_e(x_t)> is only DenseMixer's gradient when E_e is exactly the function the
-forward applied. ``local_experts`` therefore reads weights (``ExpertWeights`` views, the fast
+forward applied. ``expert_functions`` therefore reads weights (``ExpertWeights`` views, the fast
 path: two dense GEMMs per expert) only where every linear of Megatron's expert modules
 (SequentialMLP, GroupedMLP, TEGroupedMLP) is one it recognises exactly; anything that wraps a
 linear (Megatron-Bridge's LoRA / DoRA ``AdapterWrapper``, other adapters) or replaces the
-activation gets an ``ExpertModule``, whose scores come from running the experts module itself
+activation gets an ``ExpertModule``, whose G comes from running the experts module itself
 on every token (the same FLOPs: fc1, activation, fc2, then a row-wise dot with g).
 """
 
@@ -46,9 +46,9 @@ class ExpertWeights(NamedTuple):
 
 
 class ExpertModule(NamedTuple):
-    """Local experts scored by running their module: E_e(x) is what ``module`` computes for e.
+    """Local experts evaluated by running their module: E_e(x) is what ``module`` computes for e.
 
-    Used where a linear is wrapped or unrecognised; see ``local_experts``.
+    Used where a linear is wrapped or unrecognised; see ``expert_functions``.
     """
 
     module: torch.nn.Module
@@ -56,7 +56,7 @@ class ExpertModule(NamedTuple):
     num_local_experts: int
 
 
-LocalExperts = Union[Sequence[ExpertWeights], ExpertModule]
+ExpertFunctions = Union[Sequence[ExpertWeights], ExpertModule]
 
 
 def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
@@ -74,7 +74,7 @@ def expert_activation(fc1_output: torch.Tensor, config: TransformerConfig) -> to
     return config.activation_func(a_glu) * (a_linear + getattr(config, "glu_linear_offset", 0.0))
 
 
-def expert_output_scores(
+def expert_routing_weight_grads(
     hidden: torch.Tensor,
     grad: torch.Tensor,
     experts: Sequence[ExpertWeights],
@@ -102,7 +102,7 @@ def expert_output_scores(
         config: The layer's config (activation function, gated linear unit).
         chunk_size: Tokens per chunk.
         add_fc2_bias: Add <g, b2>; False on all but one rank of an expert-TP group, since b2
-            is replicated there while the W2 slices' partial scores are summed.
+            is replicated there while the W2 slices' partial G are summed.
         pairs: Optional bool [num_tokens, len(experts)]: compute only these (token, expert)
             pairs (gathering their tokens), leaving 0 elsewhere. None computes every pair.
 
@@ -110,12 +110,12 @@ def expert_output_scores(
         G, [num_tokens, len(experts)], in the accumulation dtype.
     """
     if isinstance(experts, ExpertModule):
-        return _module_scores(hidden, grad, experts, chunk_size, pairs)
+        return _module_routing_weight_grads(hidden, grad, experts, chunk_size, pairs)
     num_tokens = hidden.shape[0]
     accumulate = torch.promote_types(experts[0].fc2_weight.dtype, torch.float32)
     shape, device = (num_tokens, len(experts)), hidden.device
     new = torch.empty if pairs is None else torch.zeros
-    scores = new(shape, dtype=accumulate, device=device)
+    weight_grads = new(shape, dtype=accumulate, device=device)
     for e, w in enumerate(experts):
         rows = None if pairs is None else pairs[:, e].nonzero().squeeze(1)
         count = num_tokens if rows is None else rows.numel()
@@ -123,11 +123,13 @@ def expert_output_scores(
             index = slice(start, min(start + chunk_size, count))
             if rows is not None:
                 index = rows[index]
-            scores[index, e] = _expert_scores(hidden[index], grad[index], w, config, add_fc2_bias)
-    return scores
+            weight_grads[index, e] = _weights_routing_weight_grads(
+                hidden[index], grad[index], w, config, add_fc2_bias
+            )
+    return weight_grads
 
 
-def _expert_scores(
+def _weights_routing_weight_grads(
     x: torch.Tensor,
     g: torch.Tensor,
     w: ExpertWeights,
@@ -140,10 +142,10 @@ def _expert_scores(
     g = g.to(w.fc2_weight.dtype)
     h = expert_activation(F.linear(x, w.fc1_weight, w.fc1_bias), config)  # [C, F]
     u = g @ w.fc2_weight  # [C, F]
-    scores = torch.linalg.vecdot(h.to(accumulate), u.to(accumulate))
+    weight_grads = torch.linalg.vecdot(h.to(accumulate), u.to(accumulate))
     if add_fc2_bias and w.fc2_bias is not None:
-        scores += g.to(accumulate) @ w.fc2_bias.to(accumulate)
-    return scores
+        weight_grads += g.to(accumulate) @ w.fc2_bias.to(accumulate)
+    return weight_grads
 
 
 def _optional(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -151,7 +153,7 @@ def _optional(tensor: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return tensor if tensor is not None and tensor.numel() > 0 else None
 
 
-def _module_scores(
+def _module_routing_weight_grads(
     hidden: torch.Tensor,
     grad: torch.Tensor,
     experts: ExpertModule,
@@ -169,7 +171,7 @@ def _module_scores(
     num_tokens, num_local = hidden.shape[0], experts.num_local_experts
     dtype = next(experts.module.parameters()).dtype
     accumulate = torch.promote_types(dtype, torch.float32)
-    scores = hidden.new_empty((num_tokens, num_local), dtype=accumulate)
+    weight_grads = hidden.new_empty((num_tokens, num_local), dtype=accumulate)
     # The chunk budget is per expert; this path holds every local expert's activations.
     step = max(1, chunk_size // num_local)
     for start in range(0, num_tokens, step):
@@ -182,12 +184,12 @@ def _module_scores(
         if bias is not None:
             output = output + bias
         output = output.view(num_local, count, -1).to(accumulate)
-        scores[start : start + count] = torch.linalg.vecdot(output, g.unsqueeze(0)).T
-    return scores if pairs is None else scores * pairs
+        weight_grads[start : start + count] = torch.linalg.vecdot(output, g.unsqueeze(0)).T
+    return weight_grads if pairs is None else weight_grads * pairs
 
 
-def local_experts(experts: torch.nn.Module, config: TransformerConfig) -> LocalExperts:
-    """What the dense reduction scores for this layer's local experts, read at forward time.
+def expert_functions(experts: torch.nn.Module, config: TransformerConfig) -> ExpertFunctions:
+    """What the dense reduction evaluates for this layer's local experts, read at forward time.
 
     ``ExpertWeights`` views (the fast path) when every expert linear is one this module
     recognises exactly and the activation is the config's unfused one; otherwise (a PEFT

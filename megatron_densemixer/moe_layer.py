@@ -20,15 +20,15 @@ from megatron_densemixer.autograd import (
 )
 from megatron_densemixer.check import watch_moe_layer
 from megatron_densemixer.ema import EMAEstimator, ExpertOutputEMA, build_expert_output_ema
-from megatron_densemixer.experts import local_expert_weights, local_experts
+from megatron_densemixer.experts import expert_functions, local_expert_weights
 from megatron_densemixer.options import (
     dense_router_grad_enabled,
     dense_router_grad_options,
     validate_dense_router_grad,
 )
-from megatron_densemixer.reduction import (
-    DenseReduction,
+from megatron_densemixer.ring import (
     ExactEstimator,
+    TokenRing,
     dense_chunk_size,
     dense_pairs,
 )
@@ -83,7 +83,7 @@ class DenseMixerMoELayer(MoELayer):
         )
         self.dense_call = None
         self.dense_options = dense_router_grad_options(config)
-        self.dense_reduction: Optional[DenseReduction] = None
+        self.dense_token_ring: Optional[TokenRing] = None
         # The opt-in token sampling draws from its own generator, never the global one.
         self.dense_pair_generator = torch.Generator().manual_seed(
             torch.initial_seed() + (layer_number or 0)
@@ -98,7 +98,7 @@ class DenseMixerMoELayer(MoELayer):
             )
         weights = local_expert_weights(self.experts)
         ffn_size = weights[0].fc2_weight.shape[1]
-        self.dense_reduction = DenseReduction(
+        self.dense_token_ring = TokenRing(
             config=config,
             chunk_size=dense_chunk_size(config, ffn_size, weights[0].fc2_weight.dtype),
             tp_ep_group=pg_collection.tp_ep,
@@ -141,7 +141,7 @@ class DenseMixerMoELayer(MoELayer):
         Raises:
             RuntimeError: the flag was turned on after the layer was built with it off.
         """
-        if self.dense_reduction is None:
+        if self.dense_token_ring is None:
             if dense_router_grad_enabled(self.config):
                 raise RuntimeError(
                     "moe_dense_router_grad was turned on after this DenseMixerMoELayer was "
@@ -216,7 +216,7 @@ class DenseMixerMoELayer(MoELayer):
         if self.dense_router_grad_ema is not None:
             sums, call.expert_output_sums = call.expert_output_sums, None
             return EMAEstimator(self.dense_router_grad_ema.update(sums))
-        return ExactEstimator(self.dense_reduction, local_experts(self.experts, self.config))
+        return ExactEstimator(self.dense_token_ring, expert_functions(self.experts, self.config))
 
     def _add_expert_output_sums(
         self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any

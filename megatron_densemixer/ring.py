@@ -1,4 +1,4 @@
-"""The backward's dense reduction: G = <g, E_e(x)> for this rank's tokens and all experts.
+"""The token ring: G = <g, E_e(x)> for this rank's tokens and all experts, under EP and expert TP.
 
 Holds the parallel exchange (token blocks streamed around the expert-TP x EP group in a ring,
 scalars returned to each block's owner), chunk sizing, and the opt-in (token, expert) pair
@@ -15,25 +15,25 @@ import torch.distributed as dist
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer.cost import chunk_tokens
-from megatron_densemixer.experts import ExpertModule, LocalExperts, expert_output_scores
+from megatron_densemixer.experts import ExpertFunctions, ExpertModule, expert_routing_weight_grads
 from megatron_densemixer.options import approximates, dense_router_grad_options
 
 _SCORES_TAG = 3
-"""Point-to-point tag of the returned partial scores; a block's tensors use tags 0 to 2."""
+"""Point-to-point tag of the returned partial G; a block's tensors use tags 0 to 2."""
 
 
 @dataclass
-class DenseReduction:
+class TokenRing:
     """What the backward needs to turn g into the router's dense gradient on this rank.
 
     Parallel layout: ``tp_ep_group`` holds the expert-TP x EP ranks (group rank
     ep_rank * expert_tp_size + expert_tp_rank, the order Megatron's dispatchers assume), which
-    jointly hold every expert's full F, so each member scores its local experts (its F-slice
+    jointly hold every expert's full F, so each member evaluates its local experts (its F-slice
     of them) on every member's tokens. The members' token blocks (x, g and, with the
-    approximations, the pair mask) travel once around the group: in step s a rank scores the
+    approximations, the pair mask) travel once around the group: in step s a rank evaluates the
     block of member rank - s while it passes that block on to rank + 1 and receives the next
     one from rank - 1, and returns the previous step's [tokens, local experts] partial
-    scores to their owner, which sums the expert-TP partials. At most two received blocks
+    G to their owner, which sums the expert-TP partials. At most two received blocks
     are alive at a time, whatever the group size (``dense_router_grad_memory_bytes``), and
     every transfer overlaps a block's GEMMs where the backend's point-to-point ops are
     asynchronous (NCCL, gloo). Only scalars travel back, never hidden vectors. Members may
@@ -47,31 +47,31 @@ class DenseReduction:
     expert_tp_rank: int = 0
     local_expert_offset: int = 0
 
-    def scores(
+    def routing_weight_grads(
         self,
         hidden: torch.Tensor,
         grad: torch.Tensor,
-        experts: LocalExperts,
+        experts: ExpertFunctions,
         pairs: Optional[torch.Tensor] = None,
     ) -> torch.Tensor:
         """G for this rank's tokens and all experts, [num_local_tokens, num_experts].
 
         fp32 (fp64 for fp64 expert weights), the accumulation dtype of
-        ``expert_output_scores``.
+        ``expert_routing_weight_grads``.
 
         Args:
             hidden: This rank's MoE input x, [num_local_tokens, H].
             grad: g = dL/dy for the same tokens, [num_local_tokens, H].
             experts: This rank's local experts (its F slice of them under expert TP), as
                 weights or as the experts module (``experts.local_experts``).
-            pairs: Optional bool [num_local_tokens, num_experts]: score only these pairs.
+            pairs: Optional bool [num_local_tokens, num_experts]: compute only these pairs.
         """
         if _group_size(self.tp_ep_group) == 1:
-            return self._block_scores([hidden, grad, pairs], experts)
-        return self._ring_scores(hidden, grad, experts, pairs)
+            return self._block_weight_grads([hidden, grad, pairs], experts)
+        return self._ring_weight_grads(hidden, grad, experts, pairs)
 
-    def _block_scores(
-        self, block: List[Optional[torch.Tensor]], experts: LocalExperts
+    def _block_weight_grads(
+        self, block: List[Optional[torch.Tensor]], experts: ExpertFunctions
     ) -> torch.Tensor:
         """This rank's local experts on one member's block (x, g[, pairs]), [T_m, L]."""
         hidden, grad, pairs = block if len(block) == 3 else (*block, None)
@@ -81,7 +81,7 @@ class DenseReduction:
             )
             pairs = pairs[:, self.local_expert_offset : self.local_expert_offset + num_local]
             pairs = pairs.bool()
-        return expert_output_scores(
+        return expert_routing_weight_grads(
             hidden,
             grad,
             experts,
@@ -91,14 +91,14 @@ class DenseReduction:
             pairs=pairs,
         )
 
-    def _ring_scores(
+    def _ring_weight_grads(
         self,
         hidden: torch.Tensor,
         grad: torch.Tensor,
-        experts: LocalExperts,
+        experts: ExpertFunctions,
         pairs: Optional[torch.Tensor],
     ) -> torch.Tensor:
-        """``scores`` over a group of two or more members: the ring described above."""
+        """``routing_weight_grads`` over a group of two or more members (the ring above)."""
         group = self.tp_ep_group
         size, rank = dist.get_world_size(group), dist.get_rank(group)
         counts = _token_counts(hidden.shape[0], group, hidden.device)
@@ -106,9 +106,9 @@ class DenseReduction:
         if pairs is not None:
             block.append(pairs.to(torch.uint8))  # gloo and NCCL do not send bool
         receive_slots: List[List[torch.Tensor]] = []
-        scores = None  # [num_local_tokens, EP, local experts], summed over expert TP
-        outgoing = None  # the previous step's partial scores, still to be returned
-        # Step `size` only returns the last partial scores.
+        weight_grads = None  # [num_local_tokens, EP, local experts], summed over expert TP
+        outgoing = None  # the previous step's partial G, still to be returned
+        # Step `size` only returns the last partial G.
         for step in range(size + 1):
             ops, incoming, returned = [], None, None
             if step + 1 < size:
@@ -117,40 +117,40 @@ class DenseReduction:
                 ops += _p2p_ops(dist.isend, block, (rank + 1) % size, group)
                 ops += _p2p_ops(dist.irecv, incoming, (rank - 1) % size, group)
             if outgoing is not None:
-                # In step - 1 this rank scored member `back`'s block, and member `ahead`
-                # scored this rank's block.
+                # In step - 1 this rank evaluated member `back`'s block, and member `ahead`
+                # evaluated this rank's block.
                 back, ahead = (rank - step + 1) % size, (rank + step - 1) % size
                 returned = outgoing.new_empty((hidden.shape[0], outgoing.shape[1]))
                 ops += _p2p_ops(dist.isend, [outgoing], back, group, _SCORES_TAG)
                 ops += _p2p_ops(dist.irecv, [returned], ahead, group, _SCORES_TAG)
             works = dist.batch_isend_irecv(ops) if ops else []
-            partial = self._block_scores(block, experts) if step < size else None
-            if scores is None:
+            partial = self._block_weight_grads(block, experts) if step < size else None
+            if weight_grads is None:
                 ep_size = size // self.expert_tp_size
-                scores = partial.new_zeros((hidden.shape[0], ep_size, partial.shape[1]))
-                scores[:, rank // self.expert_tp_size] += partial
+                weight_grads = partial.new_zeros((hidden.shape[0], ep_size, partial.shape[1]))
+                weight_grads[:, rank // self.expert_tp_size] += partial
                 partial = None
             for work in works:
                 work.wait()
             if returned is not None:
-                scores[:, ahead // self.expert_tp_size] += returned
+                weight_grads[:, ahead // self.expert_tp_size] += returned
             block, outgoing = incoming, partial
-        return scores.flatten(1)
+        return weight_grads.flatten(1)
 
 
 @dataclass(eq=False)
 class ExactEstimator:
-    """The exact estimator: every local expert recomputed on every token (``DenseReduction``)."""
+    """The exact estimator: every local expert recomputed on every token (``TokenRing``)."""
 
-    reduction: DenseReduction
-    experts: LocalExperts
+    ring: TokenRing
+    experts: ExpertFunctions
     """This rank's local experts, as weights or as the module (``experts.local_experts``)."""
 
     def routing_weight_grads(
         self, hidden: torch.Tensor, grad: torch.Tensor, pairs: Optional[torch.Tensor]
     ) -> torch.Tensor:
-        """``DenseReduction.scores``: G for this rank's tokens and all experts."""
-        return self.reduction.scores(hidden, grad, self.experts, pairs)
+        """``TokenRing.routing_weight_grads``: G for this rank's tokens and all experts."""
+        return self.ring.routing_weight_grads(hidden, grad, self.experts, pairs)
 
 
 def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtype) -> int:
@@ -169,7 +169,7 @@ def dense_pairs(
     config: TransformerConfig,
     generator: Optional[torch.Generator] = None,
 ) -> Optional[torch.Tensor]:
-    """The (token, expert) pairs the backward scores under the opt-in approximations.
+    """The (token, expert) pairs the backward evaluates under the opt-in approximations.
 
     None (every pair, the exact gradient) unless ``moe_dense_router_grad_topm`` or
     ``moe_dense_router_grad_token_fraction`` is set. Top-M keeps M experts per token: K (kept

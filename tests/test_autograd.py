@@ -14,7 +14,7 @@ from megatron_densemixer.autograd import (
     dense_router_grad,
     dense_weight_grad,
 )
-from megatron_densemixer.reduction import DenseReduction, ExactEstimator
+from megatron_densemixer.ring import ExactEstimator, TokenRing
 from tests.support.builders import loop_scores, make_expert_weights
 
 T, H, FFN, E = 11, 8, 6, 4
@@ -27,12 +27,12 @@ def _function_inputs(variant_scale: float = 1.0):
         activation_func=F.silu,
         moe_router_topk_scaling_factor=variant_scale if variant_scale != 1.0 else None,
     )
-    reduction = DenseReduction(config=config, chunk_size=5)
+    ring = TokenRing(config=config, chunk_size=5)
     hidden = torch.randn(T, 1, H)
     routing_map = torch.zeros(T, E, dtype=torch.bool)
     routing_map[torch.arange(T), torch.randint(0, E, (T,))] = True
     probs = torch.rand(T, E) * routing_map * variant_scale
-    return experts, reduction, hidden, routing_map, probs
+    return experts, ring, hidden, routing_map, probs
 
 
 def _dense_grad_through_both(output, probs, dense_probs, g, **fields):
@@ -51,7 +51,7 @@ def _dense_grad_through_both(output, probs, dense_probs, g, **fields):
 def test_function_is_identity_forward_and_passes_g_through():
     """Forward value is the input itself (bitwise); backward hands g to the output unchanged
     and G (masked to the non-selected experts) to the dense weights."""
-    experts, reduction, hidden, routing_map, probs = _function_inputs()
+    experts, ring, hidden, routing_map, probs = _function_inputs()
     output = torch.randn(T, 1, H, requires_grad=True)
     dense_probs = torch.rand(T, E, requires_grad=True)
     g = torch.randn(T, 1, H)
@@ -62,7 +62,7 @@ def test_function_is_identity_forward_and_passes_g_through():
         g,
         hidden_states=hidden,
         selected=routing_map,
-        estimator=ExactEstimator(reduction, experts),
+        estimator=ExactEstimator(ring, experts),
     )
     assert torch.equal(y, output)
     assert torch.equal(output.grad, g)
@@ -74,7 +74,7 @@ def test_function_is_identity_forward_and_passes_g_through():
 def test_gated_variant_subtracts_the_selected_baseline():
     """gated: dL/dw_e = G_e - sum_{j in K} (w_j / c) G_j for e not in K (c = scaling)."""
     scale = 2.0
-    experts, reduction, hidden, routing_map, probs = _function_inputs(scale)
+    experts, ring, hidden, routing_map, probs = _function_inputs(scale)
     output = torch.randn(T, 1, H, requires_grad=True)
     dense_probs = torch.rand(T, E, requires_grad=True)
     g = torch.randn(T, 1, H)
@@ -85,7 +85,7 @@ def test_gated_variant_subtracts_the_selected_baseline():
         g,
         hidden_states=hidden,
         selected=routing_map,
-        estimator=ExactEstimator(reduction, experts),
+        estimator=ExactEstimator(ring, experts),
         variant="gated",
         topk_scaling_factor=scale,
     )
@@ -97,7 +97,7 @@ def test_gated_variant_subtracts_the_selected_baseline():
 
 def test_token_fraction_scales_sampled_tokens():
     """Sampled tokens' dense grads are G / f; unsampled tokens get none."""
-    experts, reduction, hidden, routing_map, probs = _function_inputs()
+    experts, ring, hidden, routing_map, probs = _function_inputs()
     output = torch.randn(T, 1, H, requires_grad=True)
     dense_probs = torch.rand(T, E, requires_grad=True)
     keep = torch.arange(T) % 2 == 0
@@ -110,7 +110,7 @@ def test_token_fraction_scales_sampled_tokens():
         g,
         hidden_states=hidden,
         selected=routing_map,
-        estimator=ExactEstimator(reduction, experts),
+        estimator=ExactEstimator(ring, experts),
         variant="partscale",
         token_fraction=0.5,
         pairs=pairs,
@@ -120,7 +120,7 @@ def test_token_fraction_scales_sampled_tokens():
     torch.testing.assert_close(dense_probs.grad.double(), expected, rtol=1e-5, atol=1e-5)
 
 
-def _separate_graphs(experts, reduction, hidden, routing_map, probs):
+def _separate_graphs(experts, ring, hidden, routing_map, probs):
     """Route's and postprocess's Functions in two graphs cut apart by a detach, as Megatron's
     EP overlap schedule cuts its nodes; returns (routed probs, dense_probs, y, output leaf)."""
     call = DenseRouterGradCall()
@@ -132,7 +132,7 @@ def _separate_graphs(experts, reduction, hidden, routing_map, probs):
         hidden_states=hidden,
         probs=probs,
         selected=routing_map,
-        estimator=ExactEstimator(reduction, experts),
+        estimator=ExactEstimator(ring, experts),
     )
     y = dense_weight_grad(output + 0.0 * cut.sum(), inputs, call)
     return routed, cut, dense_probs, y
@@ -143,8 +143,8 @@ def test_separate_graphs_in_reverse_order_and_interleaved_calls():
     back-propagated node by node, the second call's first, each output's backward before its
     route's: each router side gets the G of its own call (guards against G handed over
     through layer-wide state, which the EP overlap schedule would mix up)."""
-    experts, reduction, hidden, routing_map, probs = _function_inputs()
-    calls = [_separate_graphs(experts, reduction, hidden, routing_map, probs) for _ in range(2)]
+    experts, ring, hidden, routing_map, probs = _function_inputs()
+    calls = [_separate_graphs(experts, ring, hidden, routing_map, probs) for _ in range(2)]
     g = [torch.randn(T, 1, H), torch.randn(T, 1, H)]
     for i in (1, 0):
         routed, cut, dense_probs, y = calls[i]
@@ -160,7 +160,7 @@ def test_router_side_without_its_output_backward_raises():
     """A schedule that back-propagates route before postprocess (or a router side whose
     call's output never got its backward) raises instead of silently skipping the dense
     gradient."""
-    experts, reduction, hidden, routing_map, probs = _function_inputs()
-    routed, cut, dense_probs, y = _separate_graphs(experts, reduction, hidden, routing_map, probs)
+    experts, ring, hidden, routing_map, probs = _function_inputs()
+    routed, cut, dense_probs, y = _separate_graphs(experts, ring, hidden, routing_map, probs)
     with pytest.raises(RuntimeError, match="router's backward ran before the MoE output's"):
         routed.backward(torch.ones_like(routed))

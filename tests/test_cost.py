@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from megatron_densemixer import reduction as dm_reduction
+from megatron_densemixer import ring as dm_ring
 from megatron_densemixer.cost import (
     MoELayerShape,
     chunk_tokens,
@@ -75,7 +75,7 @@ def test_comm_bytes_overrides_and_params_dtype():
 
 @pytest.mark.parametrize("counts", [(5, 5, 5, 5), (5, 3, 0, 6)])
 def test_comm_bytes_match_the_transfers(monkeypatch, counts):
-    """The reported bytes equal what DenseReduction.scores actually passes to its
+    """The reported bytes equal what TokenRing.routing_weight_grads actually passes to its
     collectives and point-to-point ops, received and sent (counted for group rank 1 of a
     fake 4-member group, EP=2 x expert TP=2, with the pair mask travelling), so the formula
     cannot drift from the code. Uneven counts: each block travels with its own count."""
@@ -91,7 +91,7 @@ def test_comm_bytes_match_the_transfers(monkeypatch, counts):
         for op in ops:
             assert op.tensor.is_contiguous() and op.tensor.numel() > 0
             nbytes = op.tensor.numel() * op.tensor.element_size()
-            if op.op is dm_reduction.dist.irecv:
+            if op.op is dm_ring.dist.irecv:
                 moved["received"] += nbytes
                 op.tensor.copy_(torch.randn(op.tensor.shape).to(op.tensor.dtype))
             else:
@@ -101,7 +101,7 @@ def test_comm_bytes_match_the_transfers(monkeypatch, counts):
     def p2p_op(op, tensor, peer, group, tag):
         return SimpleNamespace(op=op, tensor=tensor, peer=peer, group=group, tag=tag)
 
-    fake = dm_reduction.dist
+    fake = dm_ring.dist
     monkeypatch.setattr(fake, "get_world_size", lambda group=None: group_size)
     monkeypatch.setattr(fake, "get_rank", lambda group=None: rank)
     monkeypatch.setattr(fake, "get_global_rank", lambda group, group_rank: group_rank)
@@ -113,7 +113,7 @@ def test_comm_bytes_match_the_transfers(monkeypatch, counts):
         ExpertWeights(torch.randn(FFN, HIDDEN), None, torch.randn(HIDDEN, FFN // 2), None)
         for _ in range(local)
     ]
-    reduction = dm_reduction.DenseReduction(
+    reduction = dm_ring.TokenRing(
         config=config,
         chunk_size=3,
         tp_ep_group=object(),
@@ -123,7 +123,7 @@ def test_comm_bytes_match_the_transfers(monkeypatch, counts):
     )
     num_tokens = counts[rank]
     pairs = torch.ones(num_tokens, EXPERTS, dtype=torch.bool)
-    scores = reduction.scores(
+    scores = reduction.routing_weight_grads(
         torch.randn(num_tokens, HIDDEN), torch.randn(num_tokens, HIDDEN), weights, pairs
     )
     assert scores.shape == (num_tokens, EXPERTS)
@@ -133,8 +133,8 @@ def test_comm_bytes_match_the_transfers(monkeypatch, counts):
         assert moved["received"] == moved["sent"] == expected.total - expected.token_counts
         return
     # Received: every other member's block (x, g in fp32, the uint8 mask) and P - 1 = 3
-    # returns of this rank's [T_rank, L] partial scores. Sent: every block but the next
-    # member's (the ring's last hop), and the partial scores of every other member's block.
+    # returns of this rank's [T_rank, L] partial G. Sent: every block but the next
+    # member's (the ring's last hop), and the partial G of every other member's block.
     per_token = 2 * HIDDEN * 4 + EXPERTS
     total = sum(counts)
     assert moved["received"] == (total - num_tokens) * per_token + 3 * num_tokens * local * 4
@@ -172,11 +172,11 @@ def test_memory_bytes_hand_computed(overrides, chunk, expected):
 
 def test_memory_bytes_do_not_grow_with_the_group():
     """From three members on, the blocks and the chunk cost the same at any EP, and the
-    partial scores ([T, E / EP]) shrink: the point of the ring (the all-gather it replaced
+    partial G ([T, E / EP]) shrink: the point of the ring (the all-gather it replaced
     held 2 P T H b)."""
     shape = MoELayerShape(256, 8, 7168, 2048, 2048)
     small, large = memory_bytes(shape._replace(ep=4), 64), memory_bytes(shape._replace(ep=64), 64)
-    assert small[:2] == large[:2] and large.scores < small.scores
+    assert small[:2] == large[:2] and large.weight_grads < small.weight_grads
 
 
 def test_flops_hand_computed():

@@ -13,9 +13,9 @@ from megatron_densemixer import compat, densemixer_spec
 from megatron_densemixer.experts import (
     ExpertModule,
     ExpertWeights,
-    expert_output_scores,
+    expert_functions,
+    expert_routing_weight_grads,
     local_expert_weights,
-    local_experts,
 )
 from tests.support import reference as ref
 from tests.support.builders import (
@@ -63,7 +63,7 @@ def test_expert_output_scores(case, chunk_size):
     )
     x = torch.randn(T, H, dtype=torch.float64)
     g = torch.randn(T, H, dtype=torch.float64)
-    got = expert_output_scores(x, g, experts, config, chunk_size)
+    got = expert_routing_weight_grads(x, g, experts, config, chunk_size)
     expected = loop_scores(
         x, g, experts, spec["act"], spec["glu"], spec.get("offset", 0.0), spec.get("clamp")
     )
@@ -75,8 +75,8 @@ def test_fc2_bias_added_once():
     experts = make_experts(glu=True, bias=True)
     config = SimpleNamespace(gated_linear_unit=True, activation_func=F.silu)
     x, g = torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
-    with_bias = expert_output_scores(x, g, experts, config, 4)
-    without = expert_output_scores(x, g, experts, config, 4, add_fc2_bias=False)
+    with_bias = expert_routing_weight_grads(x, g, experts, config, 4)
+    without = expert_routing_weight_grads(x, g, experts, config, 4, add_fc2_bias=False)
     bias_term = torch.stack([g @ w.fc2_bias for w in experts], dim=1)
     torch.testing.assert_close(with_bias.double() - without.double(), bias_term)
 
@@ -173,10 +173,10 @@ def test_scores_equal_the_module_called_on_the_tokens(setup):
     torch.manual_seed(1)
     x = torch.randn(13, config.hidden_size, dtype=config.params_dtype)
     g = torch.randn(13, config.hidden_size, dtype=config.params_dtype)
-    local = local_experts(experts, config)
+    local = expert_functions(experts, config)
     assert isinstance(local, ExpertModule) == (setup == "sequential_lora_wrapped")
     with torch.no_grad():
-        scores = expert_output_scores(x, g, local, config, chunk_size=5)
+        scores = expert_routing_weight_grads(x, g, local, config, chunk_size=5)
         expected = _called_scores(experts, x, g, experts.num_local_experts)
     tolerance = 2e-2 if config.params_dtype == torch.bfloat16 else 1e-5
     assert rel_err(scores.double(), expected) < tolerance
@@ -205,7 +205,9 @@ def test_wrapped_linear_scores_the_adapted_expert():
     expected = loop_scores(x.double(), g.double(), effective, config.activation_func, glu=True)
     wrong = loop_scores(x.double(), g.double(), base, config.activation_func, glu=True)
     with torch.no_grad():
-        scores = expert_output_scores(x, g, local_experts(experts, config), config, chunk_size=4)
+        scores = expert_routing_weight_grads(
+            x, g, expert_functions(experts, config), config, chunk_size=4
+        )
     assert rel_err(wrong, expected) > 1e-2, "the adapter must change G, or this proves nothing"
     assert rel_err(scores.double(), expected) < 1e-5
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
-from megatron_densemixer import reduction as dm_reduction
+from megatron_densemixer import ring as dm_ring
 from tests.support import reference as ref
 from tests.support.builders import (
     build_dense_layer,
@@ -177,7 +177,7 @@ def test_flag_off_is_moe_layer(count_dense_work):
     g = torch.randn(SEQ, BATCH, config.hidden_size)
     y, dx, grads = run_layer(off, x, g)
     y_conv, dx_conv, grads_conv = run_layer(conventional, x, g)
-    assert off.dense_reduction is None and count_dense_work == []
+    assert off.dense_token_ring is None and count_dense_work == []
     assert torch.equal(y, y_conv) and torch.equal(dx, dx_conv)
     assert grads.keys() == grads_conv.keys()
     for name in grads:
@@ -188,13 +188,13 @@ def test_flag_off_is_moe_layer(count_dense_work):
 def count_dense_work(monkeypatch):
     """Counts calls of the backward's dense reduction."""
     calls = []
-    original = dm_reduction.expert_output_scores
+    original = dm_ring.expert_routing_weight_grads
 
     def counted(*args, **kwargs):
         calls.append(args[0].shape[0])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dm_reduction, "expert_output_scores", counted)
+    monkeypatch.setattr(dm_ring, "expert_routing_weight_grads", counted)
     return calls
 
 

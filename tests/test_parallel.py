@@ -230,7 +230,7 @@ def _check_case(case: Case, expected: dict) -> Dict[str, float]:
         "dense_term": rel_err(
             expected["router_grad_conventional"], expected["grads"]["router.weight"]
         ),
-        # DenseReduction places expert-TP partials and EP blocks by tp_ep group rank,
+        # TokenRing places expert-TP partials and EP blocks by tp_ep group rank,
         # assuming rank = ep_rank * etp + etp_rank (as Megatron's dispatchers do).
         "tp_ep_order": float(
             dist.get_rank(ps.get_expert_tensor_and_model_parallel_group())

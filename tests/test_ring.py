@@ -1,4 +1,4 @@
-"""The dense reduction: the (token, expert) pairs it scores and its chunking."""
+"""The dense ring: the (token, expert) pairs it scores and its chunking."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_densemixer.experts import expert_output_scores
-from megatron_densemixer.reduction import dense_pairs
+from megatron_densemixer.experts import expert_routing_weight_grads
+from megatron_densemixer.ring import dense_pairs
 from tests.support import reference as ref
 from tests.support.builders import (
     HIDDEN,
@@ -36,8 +36,8 @@ def test_pairs_restrict_the_work():
     config = SimpleNamespace(gated_linear_unit=True, activation_func=F.silu)
     x, g = torch.randn(T, H, dtype=torch.float64), torch.randn(T, H, dtype=torch.float64)
     pairs = torch.rand(T, E) < 0.4
-    full = expert_output_scores(x, g, experts, config, 3)
-    part = expert_output_scores(x, g, experts, config, 3, pairs=pairs)
+    full = expert_routing_weight_grads(x, g, experts, config, 3)
+    part = expert_routing_weight_grads(x, g, experts, config, 3, pairs=pairs)
     torch.testing.assert_close(part, torch.where(pairs, full, torch.zeros_like(full)))
 
 
@@ -46,7 +46,7 @@ def test_chunk_size_does_not_change_the_gradient(chunk_size):
     """Chunking is only a memory bound: every chunk size gives the same router gradient."""
     config = make_config(moe_dense_router_grad_chunk_size=chunk_size)
     dense, _ = build_pair(config)
-    assert dense.dense_reduction.chunk_size == chunk_size
+    assert dense.dense_token_ring.chunk_size == chunk_size
     torch.manual_seed(5)
     x = torch.randn(SEQ, BATCH, config.hidden_size)
     g = torch.randn(SEQ, BATCH, config.hidden_size)
@@ -91,11 +91,11 @@ def _expert_tp_shard(w, rank: int, size: int):
 
 
 def _ring_worker(rank: int, world: int, cases: dict) -> None:
-    """Each member scores its share through DenseReduction over the whole world and checks
+    """Each member scores its share through TokenRing over the whole world and checks
     its rows of G against the float64 loop over all members' tokens and all experts."""
     import torch.distributed as dist
 
-    from megatron_densemixer.reduction import DenseReduction
+    from megatron_densemixer.ring import TokenRing
 
     config = SimpleNamespace(gated_linear_unit=True, activation_func=F.silu)
     for name, (etp, counts, with_pairs) in cases.items():
@@ -111,7 +111,7 @@ def _ring_worker(rank: int, world: int, cases: dict) -> None:
         num_local = RING_EXPERTS // (world // etp)
         offset = ep_rank * num_local
         local = [_expert_tp_shard(w, etp_rank, etp) for w in experts[offset : offset + num_local]]
-        reduction = DenseReduction(
+        ring = TokenRing(
             config=config,
             chunk_size=2,
             tp_ep_group=dist.group.WORLD,
@@ -120,7 +120,9 @@ def _ring_worker(rank: int, world: int, cases: dict) -> None:
             local_expert_offset=offset,
         )
         mine = slice(sum(counts[:rank]), sum(counts[: rank + 1]))
-        got = reduction.scores(x[mine], g[mine], local, pairs[mine] if with_pairs else None)
+        got = ring.routing_weight_grads(
+            x[mine], g[mine], local, pairs[mine] if with_pairs else None
+        )
         # float64 on both sides, only the summation order differs: agreement to ~1e-14
         # relative; a block scored by the wrong expert or F-slice, or returned to the wrong
         # member, is off by O(1).
@@ -131,7 +133,7 @@ def _ring_worker(rank: int, world: int, cases: dict) -> None:
 
 @pytest.mark.parametrize("world", sorted(RING_CASES))
 def test_ring_exchange_equals_direct_float64(world):
-    """DenseReduction.scores over EP=2, EP=4 and EP=2 x expert-TP=2 gloo groups, with uneven
+    """TokenRing.scores over EP=2, EP=4 and EP=2 x expert-TP=2 gloo groups, with uneven
     and empty token blocks and with sampled pairs, equals a direct float64 computation over
     all tokens: guards the ring's block order, the return of partial scores to their owner,
     the expert-TP sum and the skipped empty transfers."""

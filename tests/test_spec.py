@@ -156,7 +156,7 @@ def test_tp_group_kwarg_from_transformer_layer():
         densemixer_spec(get_moe_module_spec(use_te=False, num_experts=8))
     )
     layer = DenseMixerMoELayer(make_config(), submodules=submodules, tp_group=None)
-    assert layer.dense_reduction is not None
+    assert layer.dense_token_ring is not None
 
 
 def test_transformer_layer_process_groups_reach_the_layer(caplog):
@@ -180,7 +180,7 @@ def test_transformer_layer_process_groups_reach_the_layer(caplog):
         layer = build_module(spec, config=make_config(), layer_number=1, pg_collection=groups)
     assert isinstance(layer.mlp, DenseMixerMoELayer)
     assert layer.mlp.ep_group is custom["ep"]
-    assert layer.mlp.dense_reduction.tp_ep_group is custom["tp_ep"]
+    assert layer.mlp.dense_token_ring.tp_ep_group is custom["tp_ep"]
     assert "Unknown MLP type" not in caplog.text
 
 

@@ -16,8 +16,8 @@ if TYPE_CHECKING:  # plain arithmetic: neither torch nor Megatron is imported to
     import torch
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-SCORE_BYTES = 4
-"""Bytes of one partial score G[t, e]: the reduction accumulates in fp32."""
+WEIGHT_GRAD_BYTES = 4
+"""Bytes of one partial G[t, e]: the reduction accumulates in fp32."""
 
 
 class MoELayerShape(NamedTuple):
@@ -50,7 +50,7 @@ class MoELayerShape(NamedTuple):
         return self.ep * self.etp
 
     @property
-    def local_experts(self) -> int:
+    def num_local_experts(self) -> int:
         """L = E / EP."""
         return self.num_experts // self.ep
 
@@ -97,10 +97,10 @@ def layer_shape(
 
 
 class DenseRouterGradCommBytes(NamedTuple):
-    """Bytes one rank receives in the dense backward of one MoE layer (``DenseReduction``).
+    """Bytes one rank receives in the dense backward of one MoE layer (``TokenRing``).
 
     Every rank receives from its neighbour rank - 1 what it sends to rank + 1 (the token
-    blocks), and as many partial scores as it returns, so it sends as many bytes as it
+    blocks), and as many partial G as it returns, so it sends as many bytes as it
     receives.
     """
 
@@ -108,8 +108,8 @@ class DenseRouterGradCommBytes(NamedTuple):
     """The other members' blocks of the MoE input x, passed around the ring."""
     grad: int
     """Their blocks of g = dL/dy, alongside."""
-    scores: int
-    """The fp32 partial scores of this rank's tokens, returned by each other member."""
+    weight_grads: int
+    """The fp32 partial G of this rank's tokens, returned by each other member."""
     pairs: int
     """The uint8 (token, expert) masks, alongside x; only with the opt-in approximations."""
     token_counts: int
@@ -128,7 +128,7 @@ def comm_bytes(shape: MoELayerShape) -> DenseRouterGradCommBytes:
     return DenseRouterGradCommBytes(
         hidden=block,
         grad=block,
-        scores=others * tokens * shape.local_experts * SCORE_BYTES,
+        weight_grads=others * tokens * shape.num_local_experts * WEIGHT_GRAD_BYTES,
         pairs=others * tokens * shape.num_experts if shape.approximate else 0,
         token_counts=others * 8,
     )
@@ -141,14 +141,14 @@ def dense_router_grad_comm_bytes(
     expert_model_parallel_size: Optional[int] = None,
     expert_tensor_parallel_size: Optional[int] = None,
 ) -> DenseRouterGradCommBytes:
-    """Communication volume of ``DenseReduction.scores`` per rank and MoE layer.
+    """Communication volume of ``TokenRing.routing_weight_grads`` per rank and MoE layer.
 
     With P = ETP * EP ranks in the expert-TP x EP group, T tokens per rank (the MoE input's
     s * b on that rank), hidden size H, E experts, L = E / EP local experts and b bytes per
     element of x and g:
 
         hidden = grad     = (P - 1) T H b     (every other member's block, once each)
-        scores            = (P - 1) T L 4     (fp32 partial scores)
+        weight_grads      = (P - 1) T L 4     (fp32 partial G)
         pairs             = (P - 1) T E       (uint8; 0 unless moe_dense_router_grad_topm
                                                or moe_dense_router_grad_token_fraction
                                                is set)
@@ -180,7 +180,7 @@ def dense_router_grad_comm_bytes(
 
 
 class DenseRouterGradMemoryBytes(NamedTuple):
-    """Peak extra memory of one rank's dense backward of one MoE layer (``DenseReduction``)."""
+    """Peak extra memory of one rank's dense backward of one MoE layer (``TokenRing``)."""
 
     blocks: int
     """Received token blocks alive at once: min(P - 1, 2) blocks of x and g (and of the
@@ -188,8 +188,8 @@ class DenseRouterGradMemoryBytes(NamedTuple):
     chunk: int
     """One chunk's activations; under the approximations also the chunk's gathered rows of
     x and g, the local bool mask and the row indices."""
-    scores: int
-    """fp32 G, [T, E], and (P > 1) three [T, L] partial-score buffers: the one being
+    weight_grads: int
+    """fp32 G, [T, E], and (P > 1) three [T, L] partial-G buffers: the one being
     computed, the previous one being returned, and the one arriving."""
 
     @property
@@ -233,35 +233,35 @@ def chunk_tokens(config: object, ffn: int, gated: bool, element_size: int) -> in
 
 
 def memory_bytes(shape: MoELayerShape, chunk_tokens: int) -> DenseRouterGradMemoryBytes:
-    """The extra memory of ``DenseReduction.scores`` per rank and MoE layer.
+    """The extra memory of ``TokenRing.routing_weight_grads`` per rank and MoE layer.
 
     With P, T, H, E, L, b as in ``dense_router_grad_comm_bytes``, m = E if the pair mask
     travels (else 0) and C = min(chunk_tokens, T) tokens per chunk:
 
         blocks = min(P - 1, 2) T (2 H b + m) + T m
         chunk  = C bytes_per_token  (+ C (2 H b + 8) + T L under the approximations)
-        scores = 4 T E  (+ 3 x 4 T L when P > 1)
+        weight_grads = 4 T E  (+ 3 x 4 T L when P > 1)
 
     None of them grows with P: the all-gather it replaces held 2 P T H b.
 
     Args:
         shape: The layer on this rank.
-        chunk_tokens: Tokens per chunk of the reduction (``DenseReduction.chunk_size``).
+        chunk_tokens: Tokens per chunk of the reduction (``TokenRing.chunk_size``).
 
     Returns:
         The bytes of each part; ``.total`` sums them.
     """
-    tokens, local = shape.tokens, shape.local_experts
+    tokens, local = shape.tokens, shape.num_local_experts
     mask = shape.num_experts if shape.approximate else 0
     in_flight = min(shape.group_size - 1, 2)
     chunk = min(chunk_tokens, tokens)
     gathered = chunk * (2 * shape.hidden * shape.element_size + 8) + tokens * local
-    partials = 3 * tokens * local * SCORE_BYTES if shape.group_size > 1 else 0
+    partials = 3 * tokens * local * WEIGHT_GRAD_BYTES if shape.group_size > 1 else 0
     return DenseRouterGradMemoryBytes(
         blocks=in_flight * tokens * (2 * shape.hidden * shape.element_size + mask) + tokens * mask,
         chunk=chunk * chunk_bytes_per_token(shape.local_ffn, shape.gated, shape.element_size)
         + (gathered if shape.approximate else 0),
-        scores=tokens * shape.num_experts * SCORE_BYTES + partials,
+        weight_grads=tokens * shape.num_experts * WEIGHT_GRAD_BYTES + partials,
     )
 
 
@@ -284,7 +284,7 @@ def dense_router_grad_memory_bytes(
 def dense_flops(shape: MoELayerShape) -> int:
     """FLOPs of one rank's dense reduction per MoE layer (exact DenseMixer, every pair).
 
-    The rank scores its L local experts, on its F-slice F_l = F / ETP, on all P T tokens of
+    The rank evaluates its L local experts, on its F-slice F_l = F / ETP, on all P T tokens of
     the group: per (token, expert) two GEMMs, x W1^T (2 H F1_l with F1_l = 2 F_l gated) and
     g W2 (2 H F_l), and the dot product (2 F_l):
 
@@ -295,7 +295,7 @@ def dense_flops(shape: MoELayerShape) -> int:
     ffn = shape.local_ffn
     f1 = 2 * ffn if shape.gated else ffn
     per_pair = 2 * shape.hidden * (f1 + ffn) + 2 * ffn
-    return shape.group_size * shape.tokens * shape.local_experts * per_pair
+    return shape.group_size * shape.tokens * shape.num_local_experts * per_pair
 
 
 def dense_chunk_bytes_per_token(

@@ -111,9 +111,9 @@ def report(cost: ClusterCost) -> str:
             f"(conventional expert GEMMs {cost.conventional_flops / 1e12:.3f} TFLOP)",
             f"bytes per ring link:    {cost.link_bytes / 1e9:.3f} GB each way over {link}; "
             f"received in all {cost.comm.total / 1e9:.3f} GB "
-            f"(scores {cost.comm.scores / 1e6:.1f} MB)",
+            f"(partial G {cost.comm.weight_grads / 1e6:.1f} MB)",
             f"extra memory:           {m.total / MIB:.1f} MiB = blocks {m.blocks / MIB:.1f} "
-            f"+ chunk {m.chunk / MIB:.1f} + scores {m.scores / MIB:.1f}",
+            f"+ chunk {m.chunk / MIB:.1f} + G {m.weight_grads / MIB:.1f}",
             f"dense backward:         {cost.dense_s * 1e3:.2f} ms = max(compute "
             f"{cost.dense_compute_s * 1e3:.2f}, exchange {cost.dense_comm_s * 1e3:.2f})",
             f"conventional MoE layer: {cost.conventional_s * 1e3:.2f} ms = GEMMs "
