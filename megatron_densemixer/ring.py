@@ -16,7 +16,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer.cost import chunk_tokens
 from megatron_densemixer.experts import ExpertFunctions, ExpertModule, expert_routing_weight_grads
-from megatron_densemixer.options import approximates, dense_router_grad_options
+from megatron_densemixer.options import DenseMixerOptions, approximates
 
 _SCORES_TAG = 3
 """Point-to-point tag of the returned partial G; a block's tensors use tags 0 to 2."""
@@ -166,7 +166,7 @@ def dense_chunk_size(config: TransformerConfig, ffn_size: int, dtype: torch.dtyp
 def dense_pairs(
     dense_probs: torch.Tensor,
     routing_map: torch.Tensor,
-    config: TransformerConfig,
+    options: DenseMixerOptions,
     generator: Optional[torch.Generator] = None,
 ) -> Optional[torch.Tensor]:
     """The (token, expert) pairs the backward evaluates under the opt-in approximations.
@@ -179,7 +179,6 @@ def dense_pairs(
     private generator keeps the global RNG stream, and with it every dropout mask of an
     activation recompute, the same whether or not this draw happens.
     """
-    options = dense_router_grad_options(config)
     topm = options.moe_dense_router_grad_topm
     fraction = options.moe_dense_router_grad_token_fraction
     if not approximates(options):

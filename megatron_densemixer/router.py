@@ -12,7 +12,7 @@ from megatron.core.transformer.moe.router import TopKRouter
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_densemixer.autograd import DenseRouterGradCall
-from megatron_densemixer.options import renormalises_topk, validate_dense_router_grad
+from megatron_densemixer.options import renormalises_topk
 
 # Megatron adds this to the denominator of sigmoid-style renormalisation.
 _RENORM_EPS = 1e-20
@@ -155,10 +155,6 @@ class DenseMixerTopKRouter(TopKRouter):
     padding pairs that ``moe_pad_expert_input_to_capacity`` adds, and S sums the top-k before
     dropping, as Megatron's kept probs do.
     """
-
-    def __init__(self, config: TransformerConfig, *args: Any, **kwargs: Any) -> None:
-        validate_dense_router_grad(config)
-        super().__init__(config, *args, **kwargs)
 
     def routing(self, logits: torch.Tensor, *args: Any, **kwargs: Any):
         """Megatron's top-k routing; records the dense weights into the current call."""

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_densemixer.experts import expert_routing_weight_grads
+from megatron_densemixer.options import dense_router_grad_options
 from megatron_densemixer.ring import dense_pairs
 from tests.support import reference as ref
 from tests.support.builders import (
@@ -150,7 +151,7 @@ def test_topm_keeps_m_experts_per_token_under_dropping():
     selected[0, [1, 2]] = True  # two kept
     selected[1, 3] = True  # one kept, one dropped
     dense_probs = dense_probs.masked_fill(selected, 0.0)
-    pairs = dense_pairs(dense_probs, selected, config)
+    pairs = dense_pairs(dense_probs, selected, dense_router_grad_options(config))
     assert pairs.sum(-1).tolist() == [4] * 5
     assert (pairs | ~selected).all(), "K is always scored"
     expected_row1 = {3, *dense_probs[1].topk(3).indices.tolist()}
@@ -161,15 +162,15 @@ def test_token_fraction_leaves_the_global_rng_alone():
     """The token sampling draws from the layer's own generator: the global RNG stream (every
     dropout mask after the MoE layer, also in an activation recompute, which draws only when
     grad is enabled) is the same whether or not the draw happens."""
-    config = make_config(moe_dense_router_grad_token_fraction=0.5)
+    options = dense_router_grad_options(make_config(moe_dense_router_grad_token_fraction=0.5))
     selected = torch.zeros(6, 8, dtype=torch.bool)
     probs = torch.rand(6, 8)
     torch.manual_seed(1)
     expected = torch.rand(3)
     torch.manual_seed(1)
-    assert dense_pairs(probs, selected, config, torch.Generator().manual_seed(0)) is not None
+    assert dense_pairs(probs, selected, options, torch.Generator().manual_seed(0)) is not None
     assert torch.equal(torch.rand(3), expected)
     # The global generator would move the stream: this test can tell the two apart.
     torch.manual_seed(1)
-    dense_pairs(probs, selected, config)
+    dense_pairs(probs, selected, options)
     assert not torch.equal(torch.rand(3), expected)
