@@ -274,47 +274,59 @@ def validate_dense_router_grad(config: Any) -> None:
         )
     if not options.moe_dense_router_grad:
         return
-
     watch_moe_layers()
+    _check_estimator(config, options)
+    _check_routing(config, options, compat.supported_score_functions())
+    _check_layer_features(config)
 
-    def fail(message: str) -> None:
-        raise ValueError(f"moe_dense_router_grad=True: {message}")
 
+def _fail(message: str) -> None:
+    raise ValueError(f"moe_dense_router_grad=True: {message}")
+
+
+def _check_estimator(config: Any, options: DenseMixerOptions) -> None:
+    """The estimator and the opt-in approximations, against the expert count."""
+    num_experts = config.num_moe_experts
     # Without experts there is no router to give a gradient to.
     if not num_experts:
-        fail("requires an MoE model; set num_moe_experts.")
+        _fail("requires an MoE model; set num_moe_experts.")
     topm = options.moe_dense_router_grad_topm
     # M <= k would score no non-selected expert; M > E does not exist.
     if topm is not None and not config.moe_router_topk < topm <= num_experts:
-        fail(
+        _fail(
             f"moe_dense_router_grad_topm={topm} must satisfy moe_router_topk "
             f"({config.moe_router_topk}) < M <= num_moe_experts ({num_experts}); "
             "set it to None for the exact gradient."
         )
     # The EMA estimator needs no expert recompute, so there is nothing for them to save.
     if options.moe_dense_router_grad_estimator == "ema" and approximates(options):
-        fail(
+        _fail(
             "moe_dense_router_grad_estimator='ema' does not combine with "
             "moe_dense_router_grad_topm or moe_dense_router_grad_token_fraction < 1 (they thin "
             "out the exact estimator's expert recompute, which 'ema' does not run); set "
             "moe_dense_router_grad_topm=None and moe_dense_router_grad_token_fraction=1.0."
         )
+
+
+def _check_routing(
+    config: Any, options: DenseMixerOptions, score_functions: tuple[str, ...]
+) -> None:
+    """The router: load balancing, score function, variant, token dropping."""
     # Sinkhorn's probs are not a function of per-expert scores that top-k merely masks.
     if config.moe_router_load_balancing_type == "sinkhorn":
-        fail(
+        _fail(
             "moe_router_load_balancing_type='sinkhorn' is not supported; use 'aux_loss', "
             "'seq_aux_loss', 'global_aux_loss' or 'none'."
         )
-    score_functions = compat.supported_score_functions()
     # dense_router_probs recomputes s from the logits for these score functions only.
     if config.moe_router_score_function not in score_functions:
-        fail(
+        _fail(
             f"moe_router_score_function={config.moe_router_score_function!r} is not supported; "
             f"use one of {score_functions}."
         )
     if options.moe_dense_router_grad_variant == "gated" and not renormalises_topk(config):
         # Without renormalisation there is no shared denominator S to carry a baseline.
-        fail(
+        _fail(
             "moe_dense_router_grad_variant='gated' requires renormalised top-k weights "
             "(softmax with moe_router_pre_softmax=False, or sigmoid/sqrtsoftplus with "
             f"moe_router_topk > 1); got score function {config.moe_router_score_function!r}, "
@@ -326,29 +338,33 @@ def validate_dense_router_grad(config: Any) -> None:
     if config.moe_expert_capacity_factor is not None and getattr(
         config, "moe_router_fusion", False
     ):
-        fail(
+        _fail(
             f"moe_expert_capacity_factor={config.moe_expert_capacity_factor} (token dropping) "
             "requires moe_router_fusion=False (the fused top-k does not expose the selection "
             "before dropping); set moe_router_fusion=False or moe_expert_capacity_factor=None."
         )
+
+
+def _check_layer_features(config: Any) -> None:
+    """The rest of the MoE layer: probs on input, latent MoE, dispatcher, fp8, CUDA graphs."""
     # With probs applied on the input, E_e(w x) is not linear in w and G_e is not dL/dw_e.
     if config.moe_apply_probs_on_input:
-        fail("moe_apply_probs_on_input=True is not supported; set it to False.")
+        _fail("moe_apply_probs_on_input=True is not supported; set it to False.")
     # Latent projections put fc1/fc2_latent_proj around the experts: E_e is no longer the
     # expert module alone, and the dense reduction does not recompute them.
     if getattr(config, "moe_latent_size", None):
-        fail("moe_latent_size (latent MoE projections) is not supported; set it to None.")
+        _fail("moe_latent_size (latent MoE projections) is not supported; set it to None.")
     # The dense reduction never touches the dispatcher, but a dispatcher it has not been run
     # with (a future type) is refused until it has been.
     if config.moe_token_dispatcher_type not in SUPPORTED_DISPATCHERS:
-        fail(
+        _fail(
             f"moe_token_dispatcher_type={config.moe_token_dispatcher_type!r} is not supported; "
             f"use one of {SUPPORTED_DISPATCHERS}."
         )
     # The dense reduction reads expert weights as plain tensors; quantised ones need their
     # own GEMMs, which have not run on a GPU yet.
     if config.fp8 or getattr(config, "fp4", None):
-        fail(
+        _fail(
             "fp8/fp4 expert weights are not supported by the dense reduction yet; "
             "train in bf16 or fp32 (unset fp8/fp4)."
         )
@@ -359,7 +375,7 @@ def validate_dense_router_grad(config: Any) -> None:
     if getattr(config, "cuda_graph_impl", "none") == "transformer_engine" and replays_router(
         config
     ):
-        fail(
+        _fail(
             "cuda_graph_impl='transformer_engine' with a cuda_graph_scope that captures the "
             "router (moe_router, moe, or the whole layer) replays it without making dense "
             "weights; capture attention only (cuda_graph_scope=['attn']) or set "
