@@ -2,6 +2,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+# pip install with its output in results/pip/; a failure is one line naming the package.
+PIP_INSTALL := bash scripts/pip_install.sh
 MCORE_VERSION ?= 0.16.1
 TORCH_VERSION ?= 2.13.0
 
@@ -10,13 +12,13 @@ TORCH_VERSION ?= 2.13.0
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	# torch first: this exact version is the local CPU wheel; anything else pulls CUDA builds.
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q megatron-core==$(MCORE_VERSION) pytest ruff numpy
-	$(PY) -m pip install -q --no-deps -e .
+	$(PIP_INSTALL) $(PY) torch==$(TORCH_VERSION)
+	$(PIP_INSTALL) $(PY) megatron-core==$(MCORE_VERSION) pytest ruff numpy
+	$(PIP_INSTALL) $(PY) --no-deps -e .
 	touch $@
 
 $(VENV)/.demo-deps: $(VENV)/.installed
-	$(PY) -m pip install -q matplotlib
+	$(PIP_INSTALL) $(PY) matplotlib
 	touch $@
 
 test: $(VENV)/.installed
@@ -32,8 +34,9 @@ experiment: $(VENV)/.demo-deps
 bench: $(VENV)/.installed
 	$(PY) -m benchmarks --json results/bench.json
 
-# The suite on megatron-core 0.16.1 (Python 3.11: `make test`) and 0.17.1, 0.18.2, 0.19.2
-# (Python 3.12, with Megatron-Bridge and verl), then a passed/failed/skipped table per version.
+# The suite on megatron-core 0.16.1 (Python 3.11: `make test`, first) and 0.17.1, 0.18.2, 0.19.2
+# (Python 3.12, with Megatron-Bridge and verl), then a passed/failed/skipped/seconds table per
+# lane, also in results/matrix/summary.md. This is what CI runs (.ci/run).
 test-matrix:
 	bash scripts/test_matrix.sh
 

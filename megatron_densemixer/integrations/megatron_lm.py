@@ -290,7 +290,7 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
     model_type, forward_step)``, model built from a GPTModelConfig).
     """
     add_megatron_lm_to_path(megatron_lm_path)
-    if {"-h", "--help"} & set(sys.argv[1:]) and importlib.util.find_spec("pretrain_gpt") is None:
+    if _asks_for_help() and importlib.util.find_spec("pretrain_gpt") is None:
         # Megatron-LM's own --help needs the checkout; show what this launcher adds.
         extra_args_provider(argparse.ArgumentParser(prog=sys.argv[0])).print_help()
         print(
@@ -300,12 +300,16 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
         return
     pretrain_gpt = _import_megatron_lm("pretrain_gpt")
     check_megatron_lm_checkout(os.path.dirname(os.path.abspath(pretrain_gpt.__file__)))
-    from megatron.core.enums import ModelType
+    _pretrain_gpt_preamble(pretrain_gpt)
+    _pretrain(pretrain_gpt)
 
-    training = _import_megatron_lm("megatron.training.training")
-    inprocess_restart = _import_megatron_lm("megatron.training.inprocess_restart")
 
-    # pretrain_gpt.py's own __main__ preamble.
+def _asks_for_help() -> bool:
+    return bool({"-h", "--help"} & set(sys.argv[1:]))
+
+
+def _pretrain_gpt_preamble(pretrain_gpt: ModuleType) -> None:
+    """pretrain_gpt.py's own ``__main__`` preamble."""
     if hasattr(pretrain_gpt, "set_startup_timestamps") and hasattr(
         pretrain_gpt, "_PROGRAM_START_TIME"
     ):
@@ -315,13 +319,20 @@ def run_pretrain_gpt(megatron_lm_path: Optional[str] = None) -> None:
     # Megatron-LM's dataset builder reads this to build the datasets on every rank.
     pretrain_gpt.train_valid_test_datasets_provider.is_distributed = True
 
+
+def _pretrain(pretrain_gpt: ModuleType) -> None:
+    """Calls Megatron-LM's ``pretrain`` as pretrain_gpt.py does for the installed signature."""
+    from megatron.core.enums import ModelType
+
+    training = _import_megatron_lm("megatron.training.training")
+    inprocess_restart = _import_megatron_lm("megatron.training.inprocess_restart")
     has_modelopt = getattr(pretrain_gpt, "has_nvidia_modelopt", False)
     extra_args = chain_extra_args_providers(
         getattr(pretrain_gpt, "add_modelopt_args", None) if has_modelopt else None,
         extra_args_provider,
     )
     arguments = _import_megatron_lm("megatron.training.arguments")
-    if {"-h", "--help"} & set(sys.argv[1:]):
+    if _asks_for_help():
         # The in-process-restart wrapper below parses the command line without our provider,
         # so its --help would list Megatron-LM's flags only. argparse prints and exits here.
         arguments.parse_args(

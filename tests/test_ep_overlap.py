@@ -1,0 +1,302 @@
+"""Megatron's EP all-to-all overlap schedule (``overlap_moe_expert_parallel_comm``) on CPU.
+
+With the flag on, Megatron's ``forward_backward_no_pipelining`` runs
+``combined_1f1b_schedule_for_no_pipelining``: each micro-batch's model is a
+``TransformerModelChunkSchedulePlan`` (``GPTModel.build_schedule_plan``) whose MoE layers are
+cut into schedule nodes -- attention + route + preprocess | dispatch | experts | combine +
+postprocess -- with every node's outputs detached, and one micro-batch's forward runs
+interleaved with the previous one's backward, node by node. ``tests/support/cuda_streams``
+stands in for the CUDA streams and events of that schedule.
+
+Two gloo processes, EP = 2 (so also data-parallel 2), alltoall dispatcher, a two-layer
+GPTModel with MoE layers, bf16 parameters, three micro-batches per rank. Each case runs the
+same weights and data through ``get_forward_backward_func()`` with the flag off and on, and
+compares every rank's loss and its (local, not yet data-parallel-reduced) router, expert and
+word-embedding gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Dict, List, Optional
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_densemixer import DenseMixerMoELayer, densemixer_spec
+from tests.support.builders import make_config, rel_err
+from tests.support.cuda_streams import apply_cuda_stream_standins
+from tests.support.megatron_cpu import init_model_parallel, run_distributed
+
+WORLD, EP = 2, 2
+VOCAB, SEQ, LAYERS, EXPERTS = 32, 8, 2, 4
+MICRO_BATCH, MICRO_BATCHES = 2, 3
+
+# Tolerances, norm-relative, of the overlapped run against the plain one: same weights, same
+# data, same bf16 arithmetic. (On megatron-core 0.16.1 the two agree bitwise: every error is
+# 0.0.) The forward is the same operations in the same order, micro-batch by micro-batch, so
+# the loss (an fp32 sum of the per-token losses) leaves room for fp32 reassociation only. The
+# backward is cut into nodes whose graphs run separately; where a gradient reaches one tensor
+# from several nodes (the residual's and the MoE path's share of dL/dx), a Megatron version
+# may sum it in another order, which in bf16 (unit roundoff 2^-9 = 2e-3) moves single entries
+# by an ulp or so and a norm-relative error by well under 1e-2. A backward that used another
+# micro-batch's saved activations, a node's gradient lost or added twice, or an all-to-all
+# with another micro-batch's split sizes moves these gradients by O(1e-1) to O(1) (reading a
+# DenseMixer layer's latest forward instead of the call's own: router error 0.55).
+TOL_LOSS = 1e-5
+TOL_GRAD = 1e-2
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    densemixer: bool  # DenseMixer's config class and spec (else Megatron's own)
+    dense: bool = False  # moe_dense_router_grad
+
+
+CASES = {
+    "megatron": Case(densemixer=False),
+    "densemixer_flag_off": Case(densemixer=True, dense=False),
+    "densemixer_flag_on": Case(densemixer=True, dense=True),
+}
+# Each group runs in its own gloo world, so that a failure in one cannot leave the other's
+# processes waiting in a collective.
+GROUPS = {
+    "conventional": ["megatron", "densemixer_flag_off"],
+    "dense": ["densemixer_flag_on"],
+}
+
+
+# --------------------------------------------------------------------------------------
+# Model, data and one run
+# --------------------------------------------------------------------------------------
+def model_config(case: Case, overlap: bool) -> TransformerConfig:
+    """Two MoE layers (4 experts, top-2, SwiGLU), EP = 2, alltoall, bf16, no dropout."""
+    fields = dict(
+        num_layers=LAYERS,
+        hidden_size=16,
+        ffn_hidden_size=24,
+        moe_ffn_hidden_size=24,
+        num_attention_heads=4,
+        num_moe_experts=EXPERTS,
+        moe_router_topk=2,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_router_dtype="fp32",
+        use_cpu_initialization=True,
+        expert_model_parallel_size=EP,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        bf16=True,
+        params_dtype=torch.bfloat16,
+        # Sums over tokens and micro-batches, no division by counts.
+        calculate_per_token_loss=True,
+        overlap_moe_expert_parallel_comm=overlap,
+    )
+    if case.densemixer:
+        return make_config(moe_dense_router_grad=case.dense, **fields)
+    return TransformerConfig(**fields)
+
+
+def layer_spec(case: Case):
+    spec = get_gpt_layer_local_spec(num_experts=EXPERTS, moe_grouped_gemm=False)
+    return densemixer_spec(spec) if case.densemixer else spec
+
+
+def build_model(case: Case, overlap: bool) -> Float16Module:
+    """The GPTModel in Megatron's bf16 wrapper (which casts every parameter to bf16)."""
+    torch.manual_seed(0)
+    config = model_config(case, overlap)
+    model = GPTModel(
+        config,
+        layer_spec(case),
+        vocab_size=VOCAB,
+        max_sequence_length=SEQ,
+        share_embeddings_and_output_weights=False,
+    )
+    moe_class = DenseMixerMoELayer if case.densemixer else MoELayer
+    moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
+    assert len(moe_layers) == LAYERS and all(type(m) is moe_class for m in moe_layers)
+    return Float16Module(config, model)
+
+
+def microbatches(rank: int) -> List[Dict[str, torch.Tensor]]:
+    """This rank's micro-batches (its data-parallel share of one global batch)."""
+    gen = torch.Generator().manual_seed(1234)
+    n = WORLD * MICRO_BATCH * MICRO_BATCHES
+    tokens = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    labels = torch.randint(0, VOCAB, (n, SEQ), generator=gen)
+    share = slice(rank * n // WORLD, (rank + 1) * n // WORLD)
+    tokens, labels = tokens[share], labels[share]
+    return [
+        {
+            "tokens": tokens[i : i + MICRO_BATCH],
+            "labels": labels[i : i + MICRO_BATCH],
+            "position_ids": torch.arange(SEQ).expand(MICRO_BATCH, SEQ).clone(),
+        }
+        for i in range(0, tokens.shape[0], MICRO_BATCH)
+    ]
+
+
+CAUSAL_MASK = torch.triu(torch.ones(SEQ, SEQ, dtype=torch.bool), diagonal=1)[None, None]
+
+# Schedule plans built by forward_step in this process: proof that the overlap schedule ran.
+_PLANS_BUILT = [0]
+
+
+def forward_step(data_iterator, model, return_schedule_plan: bool = False):
+    """Megatron's forward_step_func, as Megatron-LM's pretrain_gpt writes it: the overlap
+    schedule passes the unwrapped GPTModel and asks for its schedule plan instead of its
+    output; the plain schedule passes the Float16Module."""
+    batch = next(data_iterator)
+    args = (batch["tokens"], batch["position_ids"], CAUSAL_MASK)
+    if return_schedule_plan:
+        _PLANS_BUILT[0] += 1
+        output = model.build_schedule_plan(*args, labels=batch["labels"])
+    else:
+        output = model(*args, labels=batch["labels"])
+
+    def loss_func(losses: torch.Tensor):
+        # fp32, as the overlap schedule's post-process node hands the losses over.
+        total = losses.float().sum()
+        return total, torch.tensor(losses.numel()), {"loss": total.detach()}
+
+    return output, loss_func
+
+
+def run(case: Case, overlap: bool, state: dict, rank: int) -> Dict[str, torch.Tensor]:
+    """One forward_backward_func call; returns the loss and the flat gradients by kind."""
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    model = build_model(case, overlap)
+    model.load_state_dict(state, strict=True)
+    plans_before = _PLANS_BUILT[0]
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iter(microbatches(rank)),
+        model=model,
+        num_microbatches=MICRO_BATCHES,
+        seq_length=SEQ,
+        micro_batch_size=MICRO_BATCH,
+    )
+    # Only combined_1f1b_schedule_for_no_pipelining asks for schedule plans: one per
+    # micro-batch with the flag on, none without it.
+    plans = _PLANS_BUILT[0] - plans_before
+    assert plans == (MICRO_BATCHES if overlap else 0), f"overlap={overlap}: {plans} plans"
+    grads: Dict[str, List[torch.Tensor]] = {"router": [], "experts": [], "embedding": []}
+    everything = []
+    for name, param in model.module.named_parameters():
+        assert param.grad is not None, f"{name}: no gradient"
+        kind = (
+            "router"
+            if name.endswith("router.weight")
+            else "experts"
+            if ".experts." in name
+            else "embedding"
+            if name == "embedding.word_embeddings.weight"
+            else None
+        )
+        if kind is not None:
+            grads[kind].append(param.grad.flatten())
+        everything.append(param.grad.flatten())
+    out = {kind: torch.cat(g) for kind, g in grads.items()}
+    out["all_params"] = torch.cat(everything)
+    out["loss"] = torch.stack([entry["loss"] for entry in losses])
+    return out
+
+
+def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> None:
+    """Runs ``names``; rank 0 writes {case: {quantity: max error over ranks}}."""
+    apply_cuda_stream_standins()
+    init_model_parallel(ep=EP)
+    results = {}
+    for name in names:
+        case = CASES[name]
+        state = build_model(case, overlap=False).state_dict()
+        plain = run(case, False, state, rank)
+        overlapped = run(case, True, state, rank)
+        errors = {q: rel_err(overlapped[q], plain[q]) for q in plain}
+        if case.dense:
+            conventional = run(dataclasses.replace(case, dense=False), False, state, rank)
+            errors["dense_term"] = rel_err(conventional["router"], plain["router"])
+        results[name] = errors
+    everyone: List[Optional[dict]] = [None] * world_size
+    dist.all_gather_object(everyone, results)
+    if rank == 0:
+        merged = {
+            name: {q: max(r[name][q] for r in everyone) for q in results[name]} for name in names
+        }
+        with open(out_path, "w") as f:
+            json.dump(merged, f)
+
+
+@pytest.fixture(scope="module")
+def group_results(tmp_path_factory):
+    """Runs each group of cases once (lazily), in its own gloo world of WORLD processes."""
+    cache: Dict[str, dict] = {}
+
+    def get(group: str) -> dict:
+        if group not in cache:
+            path = os.path.join(str(tmp_path_factory.mktemp("ep_overlap")), f"{group}.json")
+            run_distributed(_run_world, WORLD, GROUPS[group], path, timeout_s=120.0)
+            with open(path) as f:
+                cache[group] = json.load(f)
+        return cache[group]
+
+    return get
+
+
+def _check(errors: Dict[str, float]) -> None:
+    assert errors["loss"] < TOL_LOSS, f"loss: norm-relative error {errors['loss']:.3g}"
+    for quantity in ("router", "experts", "embedding", "all_params"):
+        assert errors[quantity] < TOL_GRAD, (
+            f"{quantity}: norm-relative error {errors[quantity]:.3g}"
+        )
+
+
+@pytest.mark.parametrize("name", GROUPS["conventional"])
+def test_overlap_schedule_matches_plain_schedule(name, group_results):
+    """EP overlap schedule vs the plain one, conventional router gradient: same loss, router,
+    expert, word-embedding (and every other) gradient on every rank.
+
+    Guards the CPU stand-ins of the schedule's CUDA streams and events and the schedule
+    itself (node-by-node backward, interleaved micro-batches, the all-to-alls of one
+    micro-batch's dispatch and combine between another's backward nodes), for Megatron's
+    MoELayer and for DenseMixerMoELayer with the flag off, which must stay exactly MoELayer.
+    Tolerances: TOL_LOSS, TOL_GRAD (bf16, see there).
+    """
+    _check(group_results("conventional")[name])
+
+
+def test_overlap_schedule_dense_router_grad(group_results):
+    """EP overlap schedule vs the plain one with moe_dense_router_grad=True: same loss and
+    gradients, the router's dense term included.
+
+    Guards DenseMixer under the schedule that cuts each MoE layer's graph between the
+    attention node (route) and the combine node (postprocess) and back-propagates the nodes
+    one at a time, combine first: the dense gradient, made in the combine node's backward,
+    must reach the router in the attention node's backward without an autograd edge between
+    the two graphs, and each micro-batch's own (the next micro-batch's forward of the same
+    layer runs in between). A dense gradient carried across the cut by an autograd edge fails
+    here with "Trying to backward through the graph a second time".
+
+    The plain DenseMixer run is held to the float64 reference per layer and to a single-rank
+    run per model by the other tests (a whole-model float64 reference does not exist); the
+    dense term must be visible here: the router gradient differs from the conventional one
+    (same weights and data, flag off) by more than 1e-2. Tolerances: TOL_LOSS, TOL_GRAD.
+    """
+    errors = group_results("dense")["densemixer_flag_on"]
+    assert errors["dense_term"] > 1e-2, "the dense router term must be visible in this batch"
+    _check(errors)
