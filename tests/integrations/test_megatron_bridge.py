@@ -442,3 +442,142 @@ def test_bridge_peft_gets_densemixer_router_gradients(bridge, peft, router, monk
             assert base_router.weight.grad is None
             assert rel_err(adapter.linear_out.weight.grad, scale * expected.d_router_w @ a.T) < 1e-5
             assert rel_err(adapter.linear_in.weight.grad, scale * b.T @ expected.d_router_w) < 1e-5
+
+
+# --------------------------------------------------------------------------------------
+# Bridge's Hopper recipe settings: the flex dispatcher with DeepEP, EP = 2
+# --------------------------------------------------------------------------------------
+# What Bridge's Qwen3-MoE recipes (qwen3_moe.py) set before calling
+# apply_flex_dispatcher_backend, which switches them to flex on Ampere / Hopper / B200.
+H100_RECIPE_MOE = dict(
+    moe_token_dispatcher_type="alltoall",
+    moe_flex_dispatcher_backend="deepep",
+    moe_shared_expert_overlap=False,
+    expert_model_parallel_size=2,
+)
+
+
+def _h100_device_properties(device: Any = None) -> SimpleNamespace:
+    """What torch.cuda.get_device_properties answers on an H100 (Bridge reads major, name)."""
+    return SimpleNamespace(major=9, minor=0, name="NVIDIA H100 80GB HBM3")
+
+
+def _recipe_provider(bridge: dict, dense: bool, dispatcher: str) -> Any:
+    """A tiny Qwen3-MoE provider with the H100 recipe's MoE settings, switched by Bridge's own
+    apply_flex_dispatcher_backend ("flex") or left on alltoall, finalized for CPU."""
+    from megatron.bridge.training import flex_dispatcher_backend
+
+    provider = qwen3_moe_provider(bridge)
+    if dense:
+        provider = megatron_bridge.densemixer_provider(provider, moe_dense_router_grad=True)
+    for name, value in H100_RECIPE_MOE.items():
+        setattr(provider, name, value)
+    if dispatcher == "flex":
+        flex_dispatcher_backend.apply_flex_dispatcher_backend(
+            provider, provider.moe_flex_dispatcher_backend
+        )
+        flex_dispatcher_backend.validate_flex_dispatcher_backend(provider)
+        assert provider.moe_token_dispatcher_type == "flex"
+    overrides = {k: v for k, v in bridge["overrides"].items() if k != "moe_token_dispatcher_type"}
+    provider.apply_overrides_and_finalize(dtype=torch.float32, overrides=overrides)
+    return provider
+
+
+def _h100_flex_world(rank: int, world_size: int, out_path: str) -> None:
+    """EP = 2: the recipe-configured provider built conventional-flex, DenseMixer-flex and
+    DenseMixer-alltoall (same weights), one training step each; rank 0 writes the worst
+    figures over ranks."""
+    import json
+
+    from megatron.core.transformer.enums import AttnBackend
+
+    from tests.support.fused_a2a_standin import apply_fused_a2a_standin
+    from tests.support.megatron_cpu import init_model_parallel
+
+    torch._dynamo.config.disable = True  # the flex preprocess is torch.compiled; not on CPU
+    init_model_parallel(tp=1, ep=world_size)
+    apply_fused_a2a_standin()
+    transformer_engine_stub.import_megatron_bridge()
+    from megatron.bridge.models import gpt_provider
+    from megatron.bridge.models.conversion.auto_bridge import AutoBridge
+
+    # This process is discarded after the run: plain assignments, no undo.
+    gpt_provider.transformer_engine_layer_spec = gpt_provider.local_layer_spec
+    torch.cuda.get_device_properties = _h100_device_properties
+    bridge = {
+        "AutoBridge": AutoBridge,
+        "overrides": dict(CPU_OVERRIDES, attention_backend=AttnBackend.local),
+    }
+    dense_flex = build(_recipe_provider(bridge, dense=True, dispatcher="flex"))
+    state = dense_flex.state_dict()
+    conv_flex = build(_recipe_provider(bridge, dense=False, dispatcher="flex"))
+    dense_a2a = build(_recipe_provider(bridge, dense=True, dispatcher="alltoall"))
+    for model in (conv_flex, dense_a2a):
+        model.load_state_dict(state)
+
+    runs = {
+        name: train_step(m)
+        for name, m in [
+            ("dense_flex", dense_flex),
+            ("conv_flex", conv_flex),
+            ("dense_a2a", dense_a2a),
+        ]
+    }
+
+    def router_grads(model: Any) -> torch.Tensor:
+        return torch.cat([m.router.weight.grad.flatten() for m in moe_layers(model)])
+
+    layers = moe_layers(dense_flex)
+    figures = {
+        "layer_types": sorted({type(m).__name__ for m in layers}),
+        "router_types": sorted({type(m.router).__name__ for m in layers}),
+        "dispatchers": sorted({type(m.token_dispatcher).__name__ for m in layers}),
+        "managers": sorted({type(m.token_dispatcher._comm_manager).__name__ for m in layers}),
+        "conv_dispatchers": sorted(
+            {type(m.token_dispatcher).__name__ for m in moe_layers(conv_flex)}
+        ),
+        "loss_bitwise": float(torch.equal(runs["dense_flex"][0], runs["conv_flex"][0])),
+        "router_vs_alltoall": rel_err(router_grads(dense_flex), router_grads(dense_a2a)),
+        "dense_term": rel_err(router_grads(dense_flex), router_grads(conv_flex)),
+    }
+    everyone = [None] * world_size
+    torch.distributed.all_gather_object(everyone, figures)
+    if rank == 0:
+        worst = dict(everyone[0])
+        worst["loss_bitwise"] = min(f["loss_bitwise"] for f in everyone)
+        worst["router_vs_alltoall"] = max(f["router_vs_alltoall"] for f in everyone)
+        worst["dense_term"] = min(f["dense_term"] for f in everyone)
+        with open(out_path, "w") as f:
+            json.dump(worst, f)
+
+
+@needs_bridge
+def test_bridge_h100_recipe_flex_deepep_provider_trains_densemixer(tmp_path):
+    """Bridge's Qwen3-MoE recipe settings (alltoall, moe_flex_dispatcher_backend="deepep"),
+    switched to the flex dispatcher by Bridge's own apply_flex_dispatcher_backend as on an H100
+    (the GPU query answered as an H100's), wrapped with densemixer_provider and built at EP = 2
+    over gloo, Megatron's MoEFlexTokenDispatcher with its DeepEP manager running on the
+    fused-a2a stand-in (tests/support/fused_a2a_standin.py).
+
+    Checks: DenseMixer layers and routers on the flex dispatcher's DeepEP manager; the loss
+    bitwise the conventional flex model's; the router gradients equal those of the same
+    DenseMixer model on the alltoall dispatcher (whose router gradient test_parallel holds
+    against the float64 reference) and differ from the conventional ones by the dense term.
+    Tolerance 1e-5 norm-relative: the two dispatchers feed the experts the same rows, and only
+    fp32 summation order may differ; the dense term is > 1e-2 here.
+    """
+    import json
+
+    from tests.support.megatron_cpu import run_distributed
+
+    out_path = str(tmp_path / "flex.json")
+    run_distributed(_h100_flex_world, 2, out_path, timeout_s=600.0)
+    with open(out_path) as f:
+        figures = json.load(f)
+    assert figures["layer_types"] == ["DenseMixerMoELayer"], figures
+    assert figures["router_types"] == ["DenseMixerTopKRouter"], figures
+    assert figures["dispatchers"] == figures["conv_dispatchers"] == ["MoEFlexTokenDispatcher"]
+    assert figures["managers"] == ["_DeepepManager"], figures
+    assert figures["loss_bitwise"] == 1.0, "the forward must stay the conventional flex model's"
+    assert figures["router_vs_alltoall"] < 1e-5, figures
+    assert figures["dense_term"] > 1e-2, figures
