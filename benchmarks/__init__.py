@@ -6,12 +6,12 @@ forward + backward (loss = <y, g> with a fixed random g, and dL/dx computed):
 * ``conventional``: Megatron Core's MoELayer (allgather dispatcher, SequentialMLP experts).
 * ``densemixer``: DenseMixerMoELayer. The forward is MoELayer's; the backward recomputes
   every expert on every token, chunk by chunk, to get G[t, e] = <g_t, E_e(x_t)>.
-* ``reference``: the reference DenseMixer approach written here from the math (DESIGN.md
-  section 2): every expert runs on every token in the forward and keeps its activations;
+* ``reference``: the reference DenseMixer approach written here from the math (docs/design.md,
+  "The math"): every expert runs on every token in the forward and keeps its activations;
   y = sparse.detach() + (dense - dense.detach()) with dense = sum_e w_e E_e(x), and each
   expert's output gradient is masked to the tokens that selected it.
 
-Cost per token in units of one expert forward (DESIGN.md section 3): conventional 3k,
+Cost per token in units of one expert forward (docs/design.md, "What it costs"): conventional 3k,
 densemixer 3k + E, reference 3E, so the theoretical step-time ratios to conventional are
 (3k + E) / 3k and E / k. They count expert GEMMs only (router, permutation and elementwise
 work are left out).

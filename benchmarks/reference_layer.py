@@ -20,7 +20,7 @@ class ReferenceDenseMoE(torch.nn.Module):
     """The reference DenseMixer layer: all experts on all tokens, masked expert gradients.
 
     For tokens x [T, H], the router's conventional top-k probs p [T, E] (zero off K) and its
-    dense weights of the non-selected experts d [T, E] (zero on K, DESIGN.md section 2):
+    dense weights of the non-selected experts d [T, E] (zero on K, docs/design.md, "The math"):
 
         out_e  = E_e(x)                       for every expert e, on every token
         sparse = sum_e p_e * out_e            (the conventional forward value)
