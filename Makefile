@@ -18,7 +18,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.demo-deps: $(VENV)/.installed
-	$(PIP_INSTALL) $(PY) matplotlib
+	$(PIP_INSTALL) $(PY) matplotlib tqdm
 	touch $@
 
 test: $(VENV)/.installed
@@ -45,8 +45,8 @@ test-latest:
 	MATRIX_VERSIONS=0.19.2 bash scripts/test_matrix.sh
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check megatron_densemixer tests examples benchmarks
-	$(VENV)/bin/ruff format --check megatron_densemixer tests examples benchmarks
+	$(VENV)/bin/ruff check megatron_densemixer megatron_cpu tests examples benchmarks
+	$(VENV)/bin/ruff format --check megatron_densemixer megatron_cpu tests examples benchmarks
 
 clean:
 	rm -rf $(VENV) results

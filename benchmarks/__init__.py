@@ -30,12 +30,12 @@ densemixer, and the cost and router-gradient fidelity of the two opt-in approxim
 (``moe_dense_router_grad_topm``, ``moe_dense_router_grad_token_fraction``) and of the EMA
 estimator (``moe_dense_router_grad_estimator="ema"``) against the exact DenseMixer gradient.
 
-Runs on CPU through the test-only shim in tests/support/megatron_cpu.py, in fp32, with one
+Runs on CPU through the repository's CPU runtime for Megatron (``megatron_cpu``), in fp32, with one
 torch thread by default, and reports this process's CPU time per call (``--clock wall`` for
 elapsed time): on a machine shared with other jobs, CPU time with one thread measures the work
 done, while elapsed time also counts the waits for a core. Warm-up, then ``--repeats`` rounds
 in which the implementations run round-robin; times are medians, ratios the median over rounds
-of the per-round ratio to conventional. From the repository root (so that ``tests.support`` is
+of the per-round ratio to conventional. From the repository root (so that ``megatron_cpu`` is
 importable):
 
     .venv/bin/python -m benchmarks --json results/bench.json

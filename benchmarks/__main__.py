@@ -22,7 +22,7 @@ from benchmarks.measure import CLOCKS, Progress
 from benchmarks.report import evaluate_targets, format_tables, metadata
 from benchmarks.runs import bench_knobs, bench_shape
 from benchmarks.shapes import KNOB_SHAPES, SHAPE_SETS
-from tests.support.megatron_cpu import init_model_parallel
+from megatron_cpu import init_model_parallel
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

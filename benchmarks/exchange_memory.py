@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.measure import peak_step_bytes
+from megatron_cpu import run_distributed
 from megatron_densemixer.cost import MoELayerShape, memory_bytes
 from megatron_densemixer.experts import ExpertWeights
 from megatron_densemixer.ring import TokenRing, dense_chunk_size
-from tests.support.megatron_cpu import run_distributed
 
 MIB = 2**20
 

@@ -8,7 +8,7 @@ import torch
 
 from benchmarks.measure import median, train_step
 from benchmarks.shapes import KNOB_SETTINGS, Shape
-from tests.support.builders import rel_err
+from megatron_cpu.models import rel_err
 
 # Router sharpness for the fidelity figures: Megatron's init (std 0.02 weights give
 # near-uniform scores over many experts), and the same weights scaled up, as a stand-in for

@@ -6,8 +6,8 @@ from typing import Any
 
 from benchmarks.reference_layer import ReferenceDenseMoE
 from benchmarks.shapes import Shape
+from megatron_cpu import models
 from megatron_densemixer import DenseMixerTransformerConfig
-from tests.support import builders
 
 
 def make_config(shape: Shape, **overrides: Any) -> DenseMixerTransformerConfig:
@@ -32,7 +32,7 @@ def make_config(shape: Shape, **overrides: Any) -> DenseMixerTransformerConfig:
         moe_dense_router_grad_chunk_size=shape.chunk_size,
     )
     fields.update(overrides)
-    return builders.make_config(**fields)
+    return models.make_config(**fields)
 
 
 def build_layers(shape: Shape, seed: int = 0) -> tuple[Any, Any, ReferenceDenseMoE]:
@@ -49,5 +49,5 @@ def build_layers(shape: Shape, seed: int = 0) -> tuple[Any, Any, ReferenceDenseM
     Returns:
         The three layers.
     """
-    densemixer, conventional = builders.build_pair(make_config(shape), seed)
+    densemixer, conventional = models.build_pair(make_config(shape), seed)
     return conventional, densemixer, ReferenceDenseMoE(densemixer)

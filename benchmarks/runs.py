@@ -24,8 +24,8 @@ from benchmarks.measure import (
     train_step,
 )
 from benchmarks.shapes import KNOB_SETTINGS, Shape, knob_theory
+from megatron_cpu.models import build_dense_layer
 from megatron_densemixer.cost import dense_chunk_bytes_per_token
-from tests.support.builders import build_dense_layer
 
 
 def bench_shape(shape: Shape, warmup: int, repeats: int, progress: Progress) -> dict[str, Any]:

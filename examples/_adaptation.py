@@ -37,14 +37,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from examples._synthetic import _Inputs, mean_or_none, routing_agreement
-from megatron_densemixer import densemixer_spec
+from examples._common import EXPERIMENT_ARMS, mean_or_none
+from examples._synthetic import _Inputs, build_model, routing_agreement
 from megatron_densemixer.diagnostics import normalized_entropy
 from megatron_densemixer.ema import ExpertOutputEMA
-from tests.support.builders import make_config
-from tests.support.megatron_cpu import init_model_parallel
-
-ARMS = ("frozen", "conventional", "densemixer", "ema", "topm")
 
 
 @dataclass
@@ -134,8 +130,8 @@ class AdaptationTask:
 
 def arm_options(arm: str, cfg: AdaptationConfig) -> Dict[str, Any]:
     """The DenseMixer options of an arm (``frozen`` and ``conventional``: off)."""
-    if arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {arm!r}.")
+    if arm not in EXPERIMENT_ARMS:
+        raise ValueError(f"arm must be one of {EXPERIMENT_ARMS}, got {arm!r}.")
     options: Dict[str, Any] = {"moe_dense_router_grad": arm in ("densemixer", "ema", "topm")}
     if arm == "ema":
         options.update(
@@ -146,47 +142,17 @@ def arm_options(arm: str, cfg: AdaptationConfig) -> Dict[str, Any]:
     return options
 
 
-def build_model(arm: str, cfg: AdaptationConfig, task: AdaptationTask, seed: int):
-    """A Megatron Core GPTModel with DenseMixer MoE layers on CPU, fixed input embedding."""
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
-    init_model_parallel(tp=1, ep=1, seed=seed)
-    config = make_config(
-        num_layers=cfg.layers,
-        hidden_size=cfg.hidden,
-        ffn_hidden_size=cfg.expert_ffn,
-        moe_ffn_hidden_size=cfg.expert_ffn,
-        num_moe_experts=cfg.experts,
-        moe_router_topk=cfg.topk,
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=cfg.aux_loss_coeff,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+def arm_model(arm: str, cfg: AdaptationConfig, task: AdaptationTask, seed: int):
+    """The model of one arm (see ``build_model``), with ``task``'s fixed input embedding."""
+    return build_model(
+        cfg,
+        seed,
+        cfg.vocab_size,
+        cfg.seq_length,
+        frozen_router=arm == "frozen",
+        embedding=task.embedding,
         **arm_options(arm, cfg),
     )
-    spec = densemixer_spec(
-        get_gpt_layer_local_spec(num_experts=cfg.experts, moe_grouped_gemm=False)
-    )
-    torch.manual_seed(seed)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=cfg.seq_length,
-        # Tied to the fixed embedding: a token's logit is <h, u_c + s v_l>, so the output layer
-        # treats A's and B's sub-languages alike and only the experts (and the router) learn.
-        share_embeddings_and_output_weights=True,
-    )
-    embedding = model.embedding.word_embeddings.weight
-    with torch.no_grad():
-        embedding.copy_(task.embedding)
-    embedding.requires_grad_(False)
-    if arm == "frozen":
-        for name, param in model.named_parameters():
-            if name.endswith("router.weight"):
-                param.requires_grad_(False)
-    return model
 
 
 def _routers(model: torch.nn.Module) -> List[torch.nn.Module]:
@@ -328,7 +294,7 @@ def pretrain(
 ) -> Pretrained:
     """Trains a conventional model on A; the experts' owners come from A's held-out set."""
     task = AdaptationTask(cfg, seed)
-    model = build_model("conventional", cfg, task, seed)
+    model = arm_model("conventional", cfg, task, seed)
     held_out = eval_sets(task, seed)
     evals: List[Dict[str, Any]] = []
 
@@ -410,13 +376,13 @@ def finetune(
 ) -> Dict[str, Any]:
     """Fine-tunes the pretrained model on B in one arm; returns its curves and summary."""
     task = AdaptationTask(cfg, seed)
-    model = build_model(arm, cfg, task, seed)
+    model = arm_model(arm, cfg, task, seed)
     model.load_state_dict(pretrained.state_dict, strict=True)
     held_out = eval_sets(task, seed)
     helpers = {}
     if arm in ("ema", "topm"):
         kinds = {"shadow": arm, "exact": "densemixer", "conventional": "conventional"}
-        helpers = {name: build_model(kind, cfg, task, seed) for name, kind in kinds.items()}
+        helpers = {name: arm_model(kind, cfg, task, seed) for name, kind in kinds.items()}
     evals: List[Dict[str, Any]] = []
 
     def on_eval(step: int) -> None:

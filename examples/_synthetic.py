@@ -24,18 +24,18 @@ import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Protocol
 
 import torch
 
-from megatron_densemixer import densemixer_spec
+from examples._common import DEMO_ARMS, mean_or_none
+from megatron_cpu import init_model_parallel
+from megatron_cpu.models import make_config
+from megatron_densemixer import DenseMixerTransformerConfig, densemixer_spec
 from megatron_densemixer.diagnostics import RouterDiagnostics, normalized_entropy
-from tests.support.builders import make_config
-from tests.support.megatron_cpu import init_model_parallel
 
-ARMS = ("frozen", "conventional", "densemixer")
-"""frozen: router weights never train; conventional: moe_dense_router_grad=False;
-densemixer: moe_dense_router_grad=True. Same seeds, data and initial weights in all three."""
+if TYPE_CHECKING:
+    from megatron.core.models.gpt.gpt_model import GPTModel
 
 
 @dataclass
@@ -123,42 +123,98 @@ def routing_agreement(language: torch.Tensor, expert: torch.Tensor, languages: i
     return mutual / h_lang if h_lang > 0 else 0.0
 
 
-def build_model(run: RunConfig):
-    """A Megatron Core GPTModel whose MLPs are DenseMixer MoE layers, on CPU."""
+class ModelSizes(Protocol):
+    """The model sizes ``build_model`` reads; RunConfig and the experiment's config have them."""
+
+    layers: int
+    hidden: int
+    experts: int
+    topk: int
+    expert_ffn: int
+    aux_loss_coeff: float
+
+
+def model_config(sizes: ModelSizes, **options: Any) -> DenseMixerTransformerConfig:
+    """The config of ``build_model``'s MoE layers.
+
+    The shared CPU defaults (fp32 router, SwiGLU experts without biases, allgather
+    dispatcher) with ``sizes``, the aux loss on and no dropout.
+
+    Args:
+        sizes: Layers, hidden size, experts, top-k, expert FFN size and aux loss coefficient.
+        **options: DenseMixer config options, ``moe_dense_router_grad`` and the rest.
+
+    Returns:
+        The validated config.
+    """
+    return make_config(
+        num_layers=sizes.layers,
+        hidden_size=sizes.hidden,
+        ffn_hidden_size=sizes.expert_ffn,
+        moe_ffn_hidden_size=sizes.expert_ffn,
+        num_moe_experts=sizes.experts,
+        moe_router_topk=sizes.topk,
+        moe_router_load_balancing_type="aux_loss",
+        moe_aux_loss_coeff=sizes.aux_loss_coeff,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        **options,
+    )
+
+
+def build_model(
+    sizes: ModelSizes,
+    seed: int,
+    vocab_size: int,
+    seq_length: int,
+    *,
+    frozen_router: bool = False,
+    embedding: Optional[torch.Tensor] = None,
+    **options: Any,
+) -> GPTModel:
+    """A Megatron Core GPTModel whose MLPs are DenseMixer MoE layers, on CPU.
+
+    The input and output embeddings are tied. The same ``seed`` gives the same initial
+    weights in every arm: no DenseMixer option changes a parameter or an initialiser.
+
+    Args:
+        sizes: Layers, hidden size, experts, top-k, expert FFN size and aux loss coefficient.
+        seed: Seeds Megatron's RNG tracker and torch's default generator before the build.
+        vocab_size: Vocabulary size.
+        seq_length: Maximum sequence length.
+        frozen_router: Router weights never train (the ``frozen`` arm).
+        embedding: A fixed embedding, [vocab_size, hidden], copied in and never trained.
+        **options: DenseMixer config options (see ``model_config``).
+
+    Returns:
+        The model.
+    """
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.models.gpt.gpt_model import GPTModel
 
-    init_model_parallel(tp=1, ep=1, seed=run.seed)
-    # The shared CPU defaults (fp32 router, SwiGLU experts without biases, allgather), with
-    # this run's sizes, the aux loss on and no dropout.
-    config = make_config(
-        num_layers=run.layers,
-        hidden_size=run.hidden,
-        ffn_hidden_size=run.expert_ffn,
-        moe_ffn_hidden_size=run.expert_ffn,
-        num_moe_experts=run.experts,
-        moe_router_topk=run.topk,
-        moe_router_load_balancing_type="aux_loss",
-        moe_aux_loss_coeff=run.aux_loss_coeff,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        moe_dense_router_grad=run.arm == "densemixer",
-    )
+    init_model_parallel(tp=1, ep=1, seed=seed)
+    config = model_config(sizes, **options)
     spec = densemixer_spec(
-        get_gpt_layer_local_spec(num_experts=run.experts, moe_grouped_gemm=False)
+        get_gpt_layer_local_spec(num_experts=sizes.experts, moe_grouped_gemm=False)
     )
-    # Same initial weights in every arm: the flag changes no parameter or initialiser.
-    torch.manual_seed(run.seed)
+    torch.manual_seed(seed)
     model = GPTModel(
         config=config,
         transformer_layer_spec=spec,
-        vocab_size=run.task.vocab_size,
-        max_sequence_length=run.task.seq_length,
+        vocab_size=vocab_size,
+        max_sequence_length=seq_length,
         # Tied embeddings: the output layer cannot hold the next-token tables by itself, so
-        # the experts have to map each token's embedding to its successor's.
+        # the experts have to map each token's embedding to its successor's. With a fixed
+        # ``embedding`` the output layer also treats every sub-language alike, and only the
+        # experts (and the router) learn.
         share_embeddings_and_output_weights=True,
     )
-    if run.arm == "frozen":
+    if embedding is not None:
+        weight = model.embedding.word_embeddings.weight
+        with torch.no_grad():
+            weight.copy_(embedding)
+        weight.requires_grad_(False)
+    if frozen_router:
         for name, param in model.named_parameters():
             if name.endswith("router.weight"):
                 param.requires_grad_(False)
@@ -223,20 +279,71 @@ def evaluate(model, task: SubLanguageTask, batches: List[torch.Tensor]) -> Dict[
     }
 
 
-def mean_or_none(values: List[Optional[float]]) -> Optional[float]:
-    """The mean of the finite values, or None if there are none."""
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None
+HISTORY_KEYS = (
+    "loss",
+    "step_time",
+    "step_cpu_time",
+    "grad_norm",
+    "dense_share",
+    "cosine",
+    "routing_flips",
+    "train_load_entropy",
+)
+"""The per-step curves of a run."""
+
+
+def _train_step(
+    model,
+    optimizer: torch.optim.Optimizer,
+    diagnostics: RouterDiagnostics,
+    batch: torch.Tensor,
+    inputs: _Inputs,
+    history: Dict[str, List[Any]],
+) -> float:
+    """One optimizer step on ``batch``; appends its loss, times and router stats to
+    ``history`` and returns the loss."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+    optimizer.zero_grad(set_to_none=True)
+    loss = model(batch[:, :-1], inputs.position_ids, inputs.attention_mask, labels=batch[:, 1:])
+    loss = loss.float().mean()
+    loss.backward()
+    stats = diagnostics.step()
+    optimizer.step()
+    history["step_time"].append(time.perf_counter() - start)
+    # CPU time of this process (all threads): less sensitive to other load on the machine.
+    history["step_cpu_time"].append(time.process_time() - start_cpu)
+    history["loss"].append(loss.item())
+    history["grad_norm"].append(mean_or_none([s.grad_norm for s in stats]))
+    history["dense_share"].append(mean_or_none([s.dense_share for s in stats]))
+    history["cosine"].append(mean_or_none([s.cosine for s in stats]))
+    history["routing_flips"].append(mean_or_none([s.routing_flips for s in stats]))
+    history["train_load_entropy"].append(mean_or_none([s.load_entropy for s in stats]))
+    return loss.item()
 
 
 def train(
     run: RunConfig, progress: Optional[Callable[[int, int, float], None]] = None
 ) -> Dict[str, Any]:
-    """Trains one arm; returns its curves (per step and per eval) and a summary."""
-    if run.arm not in ARMS:
-        raise ValueError(f"arm must be one of {ARMS}, got {run.arm!r}.")
+    """Trains one arm.
+
+    Args:
+        run: The arm, seed, sizes and schedule.
+        progress: Called after every step with (step, total steps, loss).
+
+    Returns:
+        The run's config, the task's optimal loss, the per-step curves and the evals.
+    """
+    if run.arm not in DEMO_ARMS:
+        raise ValueError(f"arm must be one of {DEMO_ARMS}, got {run.arm!r}.")
     task = SubLanguageTask(run.task, run.seed)
-    model = build_model(run)
+    model = build_model(
+        run,
+        run.seed,
+        run.task.vocab_size,
+        run.task.seq_length,
+        frozen_router=run.arm == "frozen",
+        moe_dense_router_grad=run.arm == "densemixer",
+    )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=run.lr, weight_decay=0.0)
@@ -246,49 +353,15 @@ def train(
     eval_gen = torch.Generator().manual_seed(1_000_000 + run.seed)
     eval_set = [task.sample(run.batch_size, eval_gen) for _ in range(run.eval_batches)]
     inputs = _Inputs(run.batch_size, run.task.seq_length)
-    history: Dict[str, List[Any]] = {
-        k: []
-        for k in (
-            "loss",
-            "step_time",
-            "step_cpu_time",
-            "grad_norm",
-            "dense_share",
-            "cosine",
-            "routing_flips",
-            "train_load_entropy",
-        )
-    }
-    evals: List[Dict[str, Any]] = []
-
-    def record_eval(step: int) -> None:
-        result = evaluate(model, task, eval_set)
-        result["step"] = step
-        evals.append(result)
-
-    record_eval(0)
+    history: Dict[str, List[Any]] = {key: [] for key in HISTORY_KEYS}
+    evals = [{**evaluate(model, task, eval_set), "step": 0}]
     for step in range(1, run.steps + 1):
         batch = task.sample(run.batch_size, train_gen)
-        start, start_cpu = time.perf_counter(), time.process_time()
-        optimizer.zero_grad(set_to_none=True)
-        loss = model(batch[:, :-1], inputs.position_ids, inputs.attention_mask, labels=batch[:, 1:])
-        loss = loss.float().mean()
-        loss.backward()
-        stats = diagnostics.step()
-        optimizer.step()
-        history["step_time"].append(time.perf_counter() - start)
-        # CPU time of this process (all threads): less sensitive to other load on the machine.
-        history["step_cpu_time"].append(time.process_time() - start_cpu)
-        history["loss"].append(loss.item())
-        history["grad_norm"].append(mean_or_none([s.grad_norm for s in stats]))
-        history["dense_share"].append(mean_or_none([s.dense_share for s in stats]))
-        history["cosine"].append(mean_or_none([s.cosine for s in stats]))
-        history["routing_flips"].append(mean_or_none([s.routing_flips for s in stats]))
-        history["train_load_entropy"].append(mean_or_none([s.load_entropy for s in stats]))
+        loss = _train_step(model, optimizer, diagnostics, batch, inputs, history)
         if step % run.eval_every == 0 or step == run.steps:
-            record_eval(step)
+            evals.append({**evaluate(model, task, eval_set), "step": step})
         if progress is not None:
-            progress(step, run.steps, loss.item())
+            progress(step, run.steps, loss)
     diagnostics.remove()
     return {
         "config": dataclasses.asdict(run),
@@ -315,29 +388,3 @@ def summarize(result: Dict[str, Any], tail: float = 0.1) -> Dict[str, Optional[f
         "step_time": mean_or_none(history["step_time"]),
         "step_cpu_time": mean_or_none(history["step_cpu_time"]),
     }
-
-
-class ProgressBar:
-    """A plain-text carriage-return progress bar (no dependency)."""
-
-    def __init__(self, label: str, width: int = 30) -> None:
-        self.label, self.width, self.start = label, width, time.perf_counter()
-
-    def __call__(self, step: int, total: int, loss: float) -> None:
-        """Redraws the bar; ends the line at the last step."""
-        done = int(self.width * step / total)
-        elapsed = time.perf_counter() - self.start
-        eta = elapsed / step * (total - step)
-        bar = "#" * done + "." * (self.width - done)
-        end = "\n" if step == total else ""
-        print(
-            f"\r{self.label:<24} [{bar}] {step:>4}/{total} loss {loss:6.3f} "
-            f"{elapsed:5.0f}s elapsed, {eta:4.0f}s left",
-            end=end,
-            flush=True,
-        )
-
-
-def format_value(value: Optional[float], digits: int = 3) -> str:
-    """A table cell; '-' for a missing value."""
-    return "-" if value is None else f"{value:.{digits}f}"

@@ -3,9 +3,10 @@
 The task (see examples/_synthetic.py) is a token-level mixture of sub-languages, each with
 its own next-token table, so the ideal routing (by sub-language) is known. Every arm uses the
 same seeds, data and initial weights. Prints a table and writes results/demo.json and
-results/demo.png. Run from the repository root:
+results/demo.png. Run from the repository root, as a module or as a script:
 
-    .venv/bin/python -m examples.demo [--steps 500] [--seeds 0] [--arms frozen,conventional,...]
+    .venv/bin/python -m examples.demo [--steps 500] [--seeds 0] [--arms frozen,densemixer]
+    .venv/bin/python examples/demo.py --help
 """
 
 from __future__ import annotations
@@ -13,32 +14,44 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 import warnings
-from typing import Any, Dict, List
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-# Megatron warns at import that Apex / Transformer Engine are absent; expected on CPU.
-warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+if __package__ in (None, ""):
+    # Run as a script: Python put examples/ on sys.path, not the repository root that holds
+    # the examples, megatron_cpu and megatron_densemixer packages.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+# Only torch-free modules up to the argument check: torch and Megatron take seconds to load.
+from examples._common import (  # noqa: E402
+    ARM_TITLES,
+    DEMO_ARMS,
+    arm_list,
+    format_value,
+    mean_or_none,
+    seed_list,
+)
 
-from examples import _synthetic as syn  # noqa: E402
+if TYPE_CHECKING:
+    from examples._synthetic import RunConfig
 
-COLUMNS = [
-    ("train_loss", "train loss"),
-    ("heldout_loss", "held-out loss"),
-    ("load_entropy", "load entropy"),
-    ("agreement", "routing agreement"),
-    ("router_grad_norm", "router grad norm"),
-    ("dense_share", "dense share"),
-    ("routing_flips", "tokens flipped"),
-    ("step_time", "wall s/step"),
-    ("step_cpu_time", "cpu s/step"),
+COLUMNS: List[Tuple[str, Tuple[str, str], int]] = [
+    ("train_loss", ("train", "loss"), 4),
+    ("heldout_loss", ("held-out", "loss"), 4),
+    ("load_entropy", ("load", "entropy"), 3),
+    ("agreement", ("routing", "agreement"), 3),
+    ("router_grad_norm", ("router", "grad norm"), 4),
+    ("dense_share", ("dense share", "of router grad"), 2),
+    ("step_cpu_time", ("CPU", "s/step"), 3),
 ]
+"""The table's columns: summary key, header (two lines) and digits shown."""
 
 
 def build_parser(description: str) -> argparse.ArgumentParser:
-    """The command line shared with the experiment.
+    """The command line.
 
     Args:
         description: The parser's description.
@@ -48,8 +61,13 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=500, help="training steps per arm")
-    parser.add_argument("--seeds", type=str, default="0", help="comma-separated seeds")
-    parser.add_argument("--arms", type=str, default=",".join(syn.ARMS), help="comma-separated")
+    parser.add_argument("--seeds", type=seed_list, default="0", help="comma-separated seeds")
+    parser.add_argument(
+        "--arms",
+        type=arm_list(DEMO_ARMS),
+        default=",".join(DEMO_ARMS),
+        help=f"comma-separated, from {','.join(DEMO_ARMS)}",
+    )
     parser.add_argument("--hidden", type=int, default=64, help="hidden size")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
     parser.add_argument("--topk", type=int, default=2, help="experts per token")
@@ -69,14 +87,23 @@ def build_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def run_configs(args: argparse.Namespace) -> List[syn.RunConfig]:
-    """One RunConfig per (seed, arm), seeds outermost."""
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in syn.ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {syn.ARMS}.")
-    seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    return [
+def train_all(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    """Trains one run per (seed, arm), seeds outermost.
+
+    Args:
+        args: The parsed command line.
+
+    Returns:
+        Every run's result (see ``_synthetic.train``) with its ``summary``.
+    """
+    # Megatron warns at import that Apex / Transformer Engine are absent; expected on CPU.
+    warnings.filterwarnings("ignore")
+    import torch
+
+    from examples import _synthetic as syn
+
+    torch.set_num_threads(args.threads)
+    runs = [
         syn.RunConfig(
             arm=arm,
             seed=seed,
@@ -89,40 +116,86 @@ def run_configs(args: argparse.Namespace) -> List[syn.RunConfig]:
             expert_ffn=args.expert_ffn,
             eval_every=args.eval_every,
         )
-        for seed in seeds
-        for arm in arms
+        for seed in args.seeds
+        for arm in args.arms
     ]
+    print(
+        f"{len(runs)} runs: {args.steps} steps each, {args.layers} MoE layers, "
+        f"{args.experts} experts (top-{args.topk}), hidden {args.hidden}, expert FFN "
+        f"{args.expert_ffn}, task vocab {runs[0].task.vocab_size} "
+        f"({runs[0].task.languages} sub-languages)",
+        flush=True,
+    )
+    return [train_one(run) for run in runs]
 
 
-def train_all(runs: List[syn.RunConfig]) -> List[Dict[str, Any]]:
-    """Trains every run with a progress bar; returns the results with their summaries."""
-    results = []
-    for run in runs:
-        result = syn.train(run, progress=syn.ProgressBar(f"{run.arm} (seed {run.seed})"))
-        result["summary"] = syn.summarize(result)
-        results.append(result)
-    return results
+def train_one(run: RunConfig) -> Dict[str, Any]:
+    """Trains one run and prints a line when it is done.
+
+    The progress bar shows on a terminal only; a redirected log gets just the line.
+    """
+    from tqdm import tqdm
+
+    from examples import _synthetic as syn
+
+    title = f"{ARM_TITLES[run.arm]} (seed {run.seed})"
+    start = time.perf_counter()
+    with tqdm(total=run.steps, desc=title, unit="step", leave=False, disable=None) as bar:
+        result = syn.train(run, progress=_advance(bar))
+    result["summary"] = syn.summarize(result)
+    print(
+        f"{title}: {run.steps} steps in {time.perf_counter() - start:.0f} s, "
+        f"held-out loss {format_value(result['summary']['heldout_loss'], 4)}",
+        flush=True,
+    )
+    return result
 
 
-def arm_means(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
-    """Per arm: the mean of each summary column over seeds."""
+def _advance(bar: Any) -> Callable[[int, int, float], None]:
+    """A ``train`` progress callback that moves ``bar`` one step and shows the loss."""
+
+    def advance(step: int, total: int, loss: float) -> None:
+        bar.set_postfix(loss=f"{loss:.3f}", refresh=False)
+        bar.update(1)
+
+    return advance
+
+
+def arm_means(results: List[Dict[str, Any]]) -> Dict[str, Dict[str, Optional[float]]]:
+    """Per arm, the mean over seeds of every summary value."""
     by_arm: Dict[str, List[Dict[str, Any]]] = {}
     for result in results:
         by_arm.setdefault(result["config"]["arm"], []).append(result["summary"])
     return {
-        arm: {key: syn.mean_or_none([s[key] for s in rows]) for key, _ in COLUMNS}
+        arm: {key: mean_or_none([s[key] for s in rows]) for key in rows[0]}
         for arm, rows in by_arm.items()
     }
 
 
-def print_table(means: Dict[str, Dict[str, Any]]) -> None:
-    """The summary table, one row per arm."""
-    header = f"{'arm':<14}" + "".join(f"{title:>19}" for _, title in COLUMNS)
-    print(header)
-    print("-" * len(header))
-    for arm, row in means.items():
-        cells = "".join(f"{syn.format_value(row[key], 4):>19}" for key, _ in COLUMNS)
-        print(f"{arm:<14}{cells}")
+def format_table(means: Dict[str, Dict[str, Optional[float]]]) -> str:
+    """The summary table, one row per arm, under two-line headers (under 100 columns)."""
+    cells = {
+        ARM_TITLES[arm]: [format_value(row[key], digits) for key, _, digits in COLUMNS]
+        for arm, row in means.items()
+    }
+    arm_width = max(len("arm"), *(len(title) for title in cells))
+    widths = [
+        max(len(header[0]), len(header[1]), *(len(row[i]) for row in cells.values()))
+        for i, (_, header, _) in enumerate(COLUMNS)
+    ]
+
+    def line(first: str, values: Sequence[str]) -> str:
+        return f"{first:<{arm_width}}" + "".join(
+            f"  {v:>{w}}" for v, w in zip(values, widths, strict=True)
+        )
+
+    lines = [
+        line("", [header[0] for _, header, _ in COLUMNS]),
+        line("arm", [header[1] for _, header, _ in COLUMNS]),
+    ]
+    lines.append("-" * len(lines[0]))
+    lines.extend(line(title, row) for title, row in cells.items())
+    return "\n".join(lines)
 
 
 def plot(results: List[Dict[str, Any]], path: str) -> None:
@@ -139,15 +212,16 @@ def plot(results: List[Dict[str, Any]], path: str) -> None:
         if arm in seen:
             continue
         seen.add(arm)
+        label = ARM_TITLES[arm]
         history, evals = result["history"], result["evals"]
         steps = [e["step"] for e in evals]
-        axes[0, 0].plot(range(1, len(history["loss"]) + 1), _ema(history["loss"]), label=arm)
+        axes[0, 0].plot(range(1, len(history["loss"]) + 1), _ema(history["loss"]), label=label)
         excess = [e["loss"] - result["loss_floor"] for e in evals]
-        axes[0, 1].plot(steps, excess, marker="o", ms=3, label=arm)
-        agreement = [syn.mean_or_none(e["agreement"]) for e in evals]
-        axes[1, 0].plot(steps, agreement, marker="o", ms=3, label=arm)
+        axes[0, 1].plot(steps, excess, marker="o", ms=3, label=label)
+        agreement = [mean_or_none(e["agreement"]) for e in evals]
+        axes[1, 0].plot(steps, agreement, marker="o", ms=3, label=label)
         flips = [v if v is not None else float("nan") for v in history["routing_flips"]]
-        axes[1, 1].plot(range(1, len(flips) + 1), _ema(flips), label=arm)
+        axes[1, 1].plot(range(1, len(flips) + 1), _ema(flips), label=label)
     titles = [
         ("train loss (EMA 0.9)", "step"),
         ("held-out loss minus the task's optimal loss", "step"),
@@ -173,29 +247,14 @@ def _ema(values: List[float], decay: float = 0.9) -> List[float]:
     return out
 
 
-def main() -> None:
-    """Runs the demo."""
-    args = build_parser(__doc__.splitlines()[0]).parse_args()
-    # Megatron warns about Apex / Transformer Engine being absent; expected on CPU.
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(args.threads)
-    runs = run_configs(args)
-    print(
-        f"{len(runs)} runs: {args.steps} steps each, {args.layers} MoE layers, "
-        f"{args.experts} experts (top-{args.topk}), hidden {args.hidden}, expert FFN "
-        f"{args.expert_ffn}, task vocab {runs[0].task.vocab_size} "
-        f"({runs[0].task.languages} sub-languages)"
-    )
-    start = time.perf_counter()
-    results = train_all(runs)
-    wall = time.perf_counter() - start
-    means = arm_means(results)
-    print()
-    print_table(means)
-    print(
-        f"\ntask's optimal (Bayes) loss {results[0]['loss_floor']:.4f} nats; "
-        f"total wall time {wall:.0f} s"
-    )
+def write_results(
+    args: argparse.Namespace, results: List[Dict[str, Any]], means: Dict[str, Any], wall: float
+) -> List[str]:
+    """Writes ``<out>/<name>.json`` (every run, the means) and ``<out>/<name>.png``.
+
+    Returns:
+        The two paths.
+    """
     os.makedirs(args.out, exist_ok=True)
     json_path = os.path.join(args.out, f"{args.name}.json")
     png_path = os.path.join(args.out, f"{args.name}.png")
@@ -212,6 +271,27 @@ def main() -> None:
             allow_nan=False,
         )
     plot(results, png_path)
+    return [json_path, png_path]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """Runs the demo.
+
+    Args:
+        argv: The arguments; ``sys.argv[1:]`` if None.
+    """
+    args = build_parser(__doc__.splitlines()[0]).parse_args(argv)
+    start = time.perf_counter()
+    results = train_all(args)
+    wall = time.perf_counter() - start
+    means = arm_means(results)
+    print()
+    print(format_table(means))
+    print(
+        f"\ntask's optimal (Bayes) loss {results[0]['loss_floor']:.4f} nats; "
+        f"total wall time {wall:.0f} s"
+    )
+    json_path, png_path = write_results(args, results, means, wall)
     print(f"wrote {json_path} and {png_path}")
 
 

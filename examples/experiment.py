@@ -8,9 +8,10 @@ and the fine-tuning data, so the per-seed differences against conventional are p
 Prints mean and 95% confidence intervals over seeds and writes results/experiment.json and
 results/experiment.png. Each finished seed is saved under results/experiment_seeds/, and a
 re-run with the same settings reuses it (an interrupted run resumes). Run from the
-repository root:
+repository root, as a module or as a script:
 
     .venv/bin/python -m examples.experiment [--seeds 0,1,2,3,4,5,6,7] [--workers 2]
+    .venv/bin/python examples/experiment.py --help
 """
 
 from __future__ import annotations
@@ -24,11 +25,23 @@ import resource
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
-import torch
+if __package__ in (None, ""):
+    # Run as a script: Python put examples/ on sys.path, not the repository root that holds
+    # the examples, megatron_cpu and megatron_densemixer packages. ``examples`` pins the CPU
+    # code paths and must load before torch does.
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import examples  # noqa: F401
 
-from examples import _adaptation as ad
+# Megatron warns at import that Apex / Transformer Engine are absent; expected on CPU.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
+
+import torch  # noqa: E402
+
+from examples import _adaptation as ad  # noqa: E402
+from examples._common import EXPERIMENT_ARMS, arm_list, mean_or_none, seed_list  # noqa: E402
 
 METRICS = [
     ("loss_b", "held-out loss B"),
@@ -46,8 +59,15 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line; defaults are the README's run."""
     defaults = ad.AdaptationConfig()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=str, default="0,1,2,3,4,5,6,7", help="comma-separated")
-    parser.add_argument("--arms", type=str, default=",".join(ad.ARMS), help="comma-separated")
+    parser.add_argument(
+        "--seeds", type=seed_list, default="0,1,2,3,4,5,6,7", help="comma-separated"
+    )
+    parser.add_argument(
+        "--arms",
+        type=arm_list(EXPERIMENT_ARMS),
+        default=",".join(EXPERIMENT_ARMS),
+        help=f"comma-separated, from {','.join(EXPERIMENT_ARMS)}",
+    )
     parser.add_argument("--pretrain-steps", type=int, default=defaults.pretrain_steps)
     parser.add_argument("--finetune-steps", type=int, default=defaults.finetune_steps)
     parser.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -91,7 +111,7 @@ def run_seed(args: tuple) -> Dict[str, Any]:
             "final": pretrained.evals[-1],
             "evals": pretrained.evals,
             "owner": pretrained.owner,
-            "step_cpu_time": ad.mean_or_none(pretrained.history["step_cpu_time"]),
+            "step_cpu_time": mean_or_none(pretrained.history["step_cpu_time"]),
         },
         "runs": runs,
         "cpu_s": time.process_time() - start_cpu,
@@ -231,13 +251,13 @@ def _curve(seeds: List[Dict[str, Any]], arm: str, key: str) -> tuple[List[int], 
     means = []
     for i in range(len(steps)):
         values = [run["evals"][i].get(key) for run in runs]
-        means.append(ad.mean_or_none(values))
+        means.append(mean_or_none(values))
     return steps, [float("nan") if m is None else m for m in means]
 
 
 def _color(arm: str) -> str:
     """One matplotlib colour per arm, the same in every panel."""
-    return f"C{ad.ARMS.index(arm)}"
+    return f"C{EXPERIMENT_ARMS.index(arm)}"
 
 
 def plot(seeds: List[Dict[str, Any]], summary: Dict[str, Any], arms: List[str], path: str) -> None:
@@ -297,33 +317,26 @@ def plot(seeds: List[Dict[str, Any]], summary: Dict[str, Any], arms: List[str], 
     plt.close(fig)
 
 
-def main() -> None:
-    """Runs the A/B."""
-    args = build_parser().parse_args()
-    warnings.filterwarnings("ignore")
-    torch.set_num_threads(1)
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    unknown = [a for a in arms if a not in ad.ARMS]
-    if unknown:
-        raise SystemExit(f"--arms: unknown arm(s) {unknown}; choose from {ad.ARMS}.")
-    seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
-    cfg = ad.AdaptationConfig(
-        pretrain_steps=args.pretrain_steps,
-        finetune_steps=args.finetune_steps,
-        eval_every=args.eval_every,
-    )
-    print(
-        f"{len(seed_list)} seeds x (pretrain {cfg.pretrain_steps} steps on A + {len(arms)} arms "
-        f"x {cfg.finetune_steps} steps on B); {args.workers} worker(s), 1 torch thread each"
-    )
-    start = time.perf_counter()
+def run_seeds(
+    args: argparse.Namespace, cfg: ad.AdaptationConfig, arms: List[str]
+) -> Tuple[List[Dict[str, Any]], List[int]]:
+    """Runs every seed not saved yet under ``--out`` (all of them with ``--fresh``).
+
+    Args:
+        args: The parsed command line (seeds, workers, output directory).
+        cfg: The task, model and schedule.
+        arms: The arms to fine-tune.
+
+    Returns:
+        Every seed's result, in ``--seeds`` order, and the seeds reused from disk.
+    """
     cache = os.path.join(args.out, f"{args.name}_seeds")
     os.makedirs(cache, exist_ok=True)
-    done = {} if args.fresh else _cached_seeds(cache, cfg, arms, seed_list)
-    reused = list(done)
+    done = {} if args.fresh else _cached_seeds(cache, cfg, arms, args.seeds)
+    reused = sorted(done)
     if done:
-        print(f"reusing seeds {sorted(done)} from {cache} (--fresh recomputes them)")
-    jobs = [(cfg, seed, arms) for seed in seed_list if seed not in done]
+        print(f"reusing seeds {reused} from {cache} (--fresh recomputes them)")
+    jobs = [(cfg, seed, arms) for seed in args.seeds if seed not in done]
     if args.workers > 1 and len(jobs) > 1:
         # spawn: fresh interpreters, each with its own single-rank gloo world.
         with multiprocessing.get_context("spawn").Pool(min(args.workers, len(jobs))) as pool:
@@ -335,10 +348,44 @@ def main() -> None:
         for job in jobs:
             result = run_seed(job)
             done[result["seed"]] = _save_seed(cache, cfg, arms, result)
-    seeds = [done[seed] for seed in seed_list]
+    return [done[seed] for seed in args.seeds], reused
+
+
+def write_results(args: argparse.Namespace, record: Dict[str, Any]) -> List[str]:
+    """Writes ``record`` to ``<out>/<name>.json`` and its figure to ``<out>/<name>.png``.
+
+    Returns:
+        The two paths.
+    """
+    os.makedirs(args.out, exist_ok=True)
+    json_path = os.path.join(args.out, f"{args.name}.json")
+    png_path = os.path.join(args.out, f"{args.name}.png")
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1)
+    plot(record["seeds"], record["summary"], record["arms"], png_path)
+    return [json_path, png_path]
+
+
+def main() -> None:
+    """Runs the A/B."""
+    args = build_parser().parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    cfg = ad.AdaptationConfig(
+        pretrain_steps=args.pretrain_steps,
+        finetune_steps=args.finetune_steps,
+        eval_every=args.eval_every,
+    )
+    print(
+        f"{len(args.seeds)} seeds x (pretrain {cfg.pretrain_steps} steps on A + "
+        f"{len(args.arms)} arms x {cfg.finetune_steps} steps on B); {args.workers} worker(s), "
+        "1 torch thread each"
+    )
+    start = time.perf_counter()
+    seeds, reused = run_seeds(args, cfg, args.arms)
     wall = time.perf_counter() - start
     cpu = _cpu_seconds()
-    summary = aggregate(seeds, arms)
+    summary = aggregate(seeds, args.arms)
     print()
     print_report(summary)
     pre = summary["pretrain"]
@@ -351,26 +398,18 @@ def main() -> None:
         f"wall time {wall:.0f} s, CPU time {cpu:.0f} s (this process and its workers); "
         f"the seeds' runs took {runs_cpu:.0f} CPU s in all"
     )
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.name}.json")
-    png_path = os.path.join(args.out, f"{args.name}.png")
-    with open(json_path, "w") as f:
-        json.dump(
-            {
-                "command": "python -m examples.experiment " + " ".join(sys.argv[1:]),
-                "config": ad.config_dict(cfg),
-                "arms": arms,
-                "wall_time_s": wall,
-                "cpu_time_s": cpu,
-                "runs_cpu_time_s": runs_cpu,
-                "reused_seeds": sorted(reused),
-                "summary": summary,
-                "seeds": seeds,
-            },
-            f,
-            indent=1,
-        )
-    plot(seeds, summary, arms, png_path)
+    record = {
+        "command": "python -m examples.experiment " + " ".join(sys.argv[1:]),
+        "config": ad.config_dict(cfg),
+        "arms": args.arms,
+        "wall_time_s": wall,
+        "cpu_time_s": cpu,
+        "runs_cpu_time_s": runs_cpu,
+        "reused_seeds": reused,
+        "summary": summary,
+        "seeds": seeds,
+    }
+    json_path, png_path = write_results(args, record)
     print(f"wrote {json_path} and {png_path}")
 
 

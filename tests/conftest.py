@@ -7,7 +7,7 @@ Modules that build Megatron layers opt in to its parallel state with
 import pytest
 import torch
 
-from tests.support.megatron_cpu import init_model_parallel
+from megatron_cpu import init_model_parallel
 
 # Megatron wraps its fused kernels (bias-dropout-add, activations) in torch.compile; on CPU
 # compiling them costs tens of seconds per shape and tests nothing of ours: run them eagerly.

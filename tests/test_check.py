@@ -12,16 +12,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import CudaGraphScope
 
+from megatron_cpu.models import build_pair, make_config, rel_err
 from megatron_densemixer import densemixer_spec, validate_dense_router_grad
 from tests.support import reference as ref
-from tests.support.builders import (
-    build_pair,
-    make_config,
-    reference_model,
-    reference_routing,
-    rel_err,
-    run_layer,
-)
+from tests.support.builders import reference_model, reference_routing, run_layer
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

@@ -7,8 +7,9 @@ import dataclasses
 import pytest
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 
+from megatron_cpu.models import make_config
 from megatron_densemixer.config import DenseMixerTransformerConfig, densemixer_config
-from tests.support.builders import MOE_FIELDS, make_config
+from tests.support.builders import MOE_FIELDS
 
 
 def test_replace_revalidates():

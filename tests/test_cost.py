@@ -10,6 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from megatron_cpu.models import EXPERTS, FFN, HIDDEN
 from megatron_densemixer import ring as dm_ring
 from megatron_densemixer.cost import (
     MoELayerShape,
@@ -27,7 +28,7 @@ from megatron_densemixer.cost.cluster import (
 )
 from megatron_densemixer.cost.presets import DEVICES, MODELS
 from megatron_densemixer.experts import ExpertWeights
-from tests.support.builders import EXPERTS, FFN, HIDDEN, parallel_config
+from tests.support.builders import parallel_config
 
 
 def test_comm_bytes_single_rank_is_zero():

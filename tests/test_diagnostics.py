@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from megatron_cpu.models import HIDDEN, build_dense_layer, make_config
 from megatron_densemixer.diagnostics import (
     TRACKER_PREFIX,
     RouterDiagnostics,
@@ -16,13 +17,7 @@ from megatron_densemixer.diagnostics import (
     grad_split,
     normalized_entropy,
 )
-from tests.support.builders import (
-    HIDDEN,
-    build_dense_layer,
-    make_config,
-    moe_metrics,
-    remove_moe_metrics,
-)
+from tests.support.builders import moe_metrics, remove_moe_metrics
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

@@ -18,29 +18,26 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
-from megatron_densemixer import compat, densemixer_spec
-from megatron_densemixer.ema import expert_output_sums
-from megatron_densemixer.integrations.megatron_lm import extra_args_provider
-from tests.support import reference as ref
-from tests.support.builders import (
-    EXPERTS,
-    HIDDEN,
-    build_dense_layer,
-    build_pair,
-    make_config,
-    parallel_config,
-    reference_model,
-    reference_routing,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import (
-    build_moe_layer,
+from megatron_cpu import (
     init_model_parallel,
     install_grouped_gemm_fallback,
     run_distributed,
     shard_moe_state_dict,
 )
+from megatron_cpu.models import (
+    EXPERTS,
+    HIDDEN,
+    build_dense_layer,
+    build_moe_layer,
+    build_pair,
+    make_config,
+    rel_err,
+)
+from megatron_densemixer import compat, densemixer_spec
+from megatron_densemixer.ema import expert_output_sums
+from megatron_densemixer.integrations.megatron_lm import extra_args_provider
+from tests.support import reference as ref
+from tests.support.builders import parallel_config, reference_model, reference_routing, run_layer
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

@@ -32,10 +32,10 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cpu import init_model_parallel, run_distributed
+from megatron_cpu.models import make_config, rel_err
 from megatron_densemixer import DenseMixerMoELayer, densemixer_spec
-from tests.support.builders import make_config, rel_err
 from tests.support.cuda_streams import apply_cuda_stream_standins
-from tests.support.megatron_cpu import init_model_parallel, run_distributed
 
 WORLD, EP = 2, 2
 VOCAB, SEQ, LAYERS, EXPERTS = 32, 8, 2, 4

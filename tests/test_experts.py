@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
 
+from megatron_cpu import install_grouped_gemm_fallback
+from megatron_cpu.models import build_dense_layer, build_moe_layer, build_pair, make_config, rel_err
 from megatron_densemixer import compat, densemixer_spec
 from megatron_densemixer.experts import (
     ExpertModule,
@@ -18,17 +20,7 @@ from megatron_densemixer.experts import (
     local_expert_weights,
 )
 from tests.support import reference as ref
-from tests.support.builders import (
-    build_dense_layer,
-    build_pair,
-    loop_scores,
-    make_config,
-    make_expert_weights,
-    reference_routing,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import build_moe_layer, install_grouped_gemm_fallback
+from tests.support.builders import loop_scores, make_expert_weights, reference_routing, run_layer
 
 T, H, FFN, E = 11, 8, 6, 4
 

@@ -28,23 +28,10 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cpu import init_model_parallel, run_distributed, shard_moe_state_dict
+from megatron_cpu.models import EXPERTS, HIDDEN, TOPK, build_dense_layer, build_moe_layer, rel_err
 from tests.support import reference as ref
-from tests.support.builders import (
-    EXPERTS,
-    HIDDEN,
-    TOPK,
-    build_dense_layer,
-    parallel_config,
-    reference_model,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import (
-    build_moe_layer,
-    init_model_parallel,
-    run_distributed,
-    shard_moe_state_dict,
-)
+from tests.support.builders import parallel_config, reference_model, run_layer
 
 
 def _flex_backends() -> List[str]:

@@ -7,18 +7,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.moe.router import TopKRouter
 
+from megatron_cpu.models import build_dense_layer, build_moe_layer, build_pair, make_config, rel_err
 from megatron_densemixer import ring as dm_ring
 from tests.support import reference as ref
-from tests.support.builders import (
-    build_dense_layer,
-    build_pair,
-    make_config,
-    reference_model,
-    reference_routing,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import build_moe_layer
+from tests.support.builders import reference_model, reference_routing, run_layer
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

@@ -17,6 +17,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
+from megatron_cpu.models import EXPERTS, HIDDEN, make_config, rel_err
 from megatron_densemixer import (
     DenseMixerMoELayer,
     DenseMixerTopKRouter,
@@ -24,14 +25,7 @@ from megatron_densemixer import (
     densemixer_spec,
 )
 from tests.support import reference as ref
-from tests.support.builders import (
-    EXPERTS,
-    HIDDEN,
-    make_config,
-    reference_model,
-    reference_routing,
-    rel_err,
-)
+from tests.support.builders import reference_model, reference_routing
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

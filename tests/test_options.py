@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import pytest
 
+from megatron_cpu.models import make_config
 from megatron_densemixer.options import validate_dense_router_grad
-from tests.support.builders import make_config
 
 
 def test_defaults():

@@ -19,23 +19,10 @@ import torch.distributed as dist
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
+from megatron_cpu import cached_world_runs, init_model_parallel, shard_moe_state_dict
+from megatron_cpu.models import EXPERTS, HIDDEN, TOPK, build_dense_layer, build_moe_layer, rel_err
 from tests.support import reference as ref
-from tests.support.builders import (
-    EXPERTS,
-    HIDDEN,
-    TOPK,
-    build_dense_layer,
-    parallel_config,
-    reference_model,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import (
-    build_moe_layer,
-    cached_world_runs,
-    init_model_parallel,
-    shard_moe_state_dict,
-)
+from tests.support.builders import parallel_config, reference_model, run_layer
 
 SEQ, BATCH = 6, 4
 

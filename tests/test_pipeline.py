@@ -29,13 +29,9 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.identity_op import IdentityFuncOp, IdentityOp
 
+from megatron_cpu import cached_world_runs, init_model_parallel, shard_moe_state_dict
+from megatron_cpu.models import make_config, rel_err
 from megatron_densemixer import DenseMixerMoELayer, densemixer_spec
-from tests.support.builders import make_config, rel_err
-from tests.support.megatron_cpu import (
-    cached_world_runs,
-    init_model_parallel,
-    shard_moe_state_dict,
-)
 
 VOCAB, SEQ, LAYERS, EXPERTS = 32, 8, 4, 4
 GLOBAL_BATCH, MICRO_BATCH = 8, 2

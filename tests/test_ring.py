@@ -8,22 +8,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megatron_cpu import run_distributed
+from megatron_cpu.models import HIDDEN, build_pair, make_config, rel_err
 from megatron_densemixer.experts import expert_routing_weight_grads
 from megatron_densemixer.options import dense_router_grad_options
 from megatron_densemixer.ring import dense_pairs
 from tests.support import reference as ref
 from tests.support.builders import (
-    HIDDEN,
-    build_pair,
     loop_scores,
-    make_config,
     make_expert_weights,
     reference_model,
     reference_routing,
-    rel_err,
     run_layer,
 )
-from tests.support.megatron_cpu import run_distributed
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

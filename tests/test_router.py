@@ -16,27 +16,20 @@ import torch
 import torch.distributed as dist
 from megatron.core.transformer.moe.router_replay import RouterReplay, RouterReplayAction
 
-from megatron_densemixer.router import dense_router_probs
-from tests.support import reference as ref
-from tests.support.builders import (
+from megatron_cpu import init_model_parallel, run_distributed, shard_moe_state_dict
+from megatron_cpu.models import (
     EXPERTS,
     HIDDEN,
     TOPK,
     build_dense_layer,
+    build_moe_layer,
     build_pair,
     make_config,
-    parallel_config,
-    reference_model,
-    reference_routing,
     rel_err,
-    run_layer,
 )
-from tests.support.megatron_cpu import (
-    build_moe_layer,
-    init_model_parallel,
-    run_distributed,
-    shard_moe_state_dict,
-)
+from megatron_densemixer.router import dense_router_probs
+from tests.support import reference as ref
+from tests.support.builders import parallel_config, reference_model, reference_routing, run_layer
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 

@@ -20,6 +20,8 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cpu import install_grouped_gemm_fallback
+from megatron_cpu.models import build_moe_layer, make_config, rel_err
 from megatron_densemixer import (
     DenseMixerMoELayer,
     DenseMixerTopKRouter,
@@ -29,15 +31,7 @@ from megatron_densemixer import (
 )
 from megatron_densemixer.spec import DenseMixerSpecFunction
 from tests.support import reference as ref
-from tests.support.builders import (
-    MOE_FIELDS,
-    make_config,
-    mlp_module,
-    mlp_modules,
-    rel_err,
-    run_layer,
-)
-from tests.support.megatron_cpu import build_moe_layer, install_grouped_gemm_fallback
+from tests.support.builders import MOE_FIELDS, mlp_module, mlp_modules, run_layer
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
 
@@ -264,7 +258,7 @@ def test_gpt_model_parameter_names_and_training():
 def test_grouped_mlp_matches_reference():
     """The legacy GroupedMLP path (stacked [E, H, F1] weights) gives the reference gradient.
 
-    Runs with a pure-torch grouped GEMM (tests/support/megatron_cpu.py); GroupedMLP needs bf16. The
+    Runs with a pure-torch grouped GEMM (megatron_cpu.shim); GroupedMLP needs bf16. The
     router gradient is compared with the float64 reference at 3e-2 (see the bf16 test in
     test_moe_layer.py for why).
     """

@@ -23,6 +23,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cpu.models import rel_err
 from megatron_densemixer import DenseMixerMoELayer, DenseMixerTopKRouter
 from megatron_densemixer.integrations import megatron_bridge
 from tests.support import reference as ref
@@ -33,7 +34,6 @@ from tests.support.builders import (
     mlp_modules,
     reference_model,
     reference_routing,
-    rel_err,
 )
 
 pytestmark = pytest.mark.usefixtures("model_parallel")
@@ -491,8 +491,8 @@ def _h100_flex_world(rank: int, world_size: int, out_path: str) -> None:
 
     from megatron.core.transformer.enums import AttnBackend
 
+    from megatron_cpu import init_model_parallel
     from tests.support.fused_a2a_standin import apply_fused_a2a_standin
-    from tests.support.megatron_cpu import init_model_parallel
 
     torch._dynamo.config.disable = True  # the flex preprocess is torch.compiled; not on CPU
     init_model_parallel(tp=1, ep=world_size)
@@ -568,7 +568,7 @@ def test_bridge_h100_recipe_flex_deepep_provider_trains_densemixer(tmp_path):
     """
     import json
 
-    from tests.support.megatron_cpu import run_distributed
+    from megatron_cpu import run_distributed
 
     out_path = str(tmp_path / "flex.json")
     run_distributed(_h100_flex_world, 2, out_path, timeout_s=600.0)

@@ -1,32 +1,21 @@
-"""Configs, layers, runs and reference inputs shared by the tests, the demo and the benchmark.
+"""Configs, runs and reference inputs that several test modules share.
 
-``make_config`` is the one config builder: a small SwiGLU MoE (hidden 16, FFN 24, 8 experts,
-top-2, allgather dispatcher, no aux loss, fp32 router, CPU init) with DenseMixer on. Every
-field can be overridden. ``parallel_config`` adds the dispatcher and the TP/EP/expert-TP sizes.
+The config and layer builders themselves (``make_config``, ``build_dense_layer``,
+``build_pair``, ...) live in ``megatron_cpu.models``, where the demo and the benchmarks use
+them too. ``parallel_config`` adds the dispatcher and the TP/EP/expert-TP sizes.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.nn.functional as F
-from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
-from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_densemixer import (
-    DenseMixerMoELayer,
-    DenseMixerTransformerConfig,
-    compat,
-    densemixer_spec,
-)
+from megatron_cpu.models import make_config
+from megatron_densemixer import DenseMixerTransformerConfig, compat
 from megatron_densemixer.experts import ExpertWeights
 from tests.support import reference as ref
-from tests.support.megatron_cpu import build_moe_layer
-
-HIDDEN, FFN, EXPERTS, TOPK = 16, 24, 8, 2
 
 # A plain (not DenseMixer) two-layer MoE TransformerConfig, as Megatron-LM, Megatron-Bridge
 # providers or verl build one.
@@ -45,30 +34,6 @@ MOE_FIELDS = dict(
 # --------------------------------------------------------------------------------------
 # Configs
 # --------------------------------------------------------------------------------------
-def make_config(**overrides: Any) -> DenseMixerTransformerConfig:
-    """The tests' MoE config with DenseMixer on; ``overrides`` replace any field."""
-    fields = dict(
-        num_layers=1,
-        hidden_size=HIDDEN,
-        ffn_hidden_size=FFN,
-        moe_ffn_hidden_size=FFN,
-        num_attention_heads=4,
-        num_moe_experts=EXPERTS,
-        moe_router_topk=TOPK,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        moe_token_dispatcher_type="allgather",
-        moe_router_load_balancing_type="none",
-        moe_aux_loss_coeff=0.0,
-        moe_router_dtype="fp32",
-        use_cpu_initialization=True,
-        moe_dense_router_grad=True,
-    )
-    fields.update(overrides)
-    return DenseMixerTransformerConfig(**fields)
-
-
 def parallel_config(
     dispatcher: str = "alltoall", tp: int = 1, ep: int = 1, etp: Optional[int] = None, **kw: Any
 ) -> DenseMixerTransformerConfig:
@@ -86,13 +51,8 @@ def parallel_config(
 
 
 # --------------------------------------------------------------------------------------
-# Specs, layers and runs
+# Specs and runs
 # --------------------------------------------------------------------------------------
-def local_moe_spec(config: DenseMixerTransformerConfig) -> Any:
-    """The installed megatron-core's local (non-TE) MoE spec for ``config``'s expert count."""
-    return get_moe_module_spec(use_te=False, num_experts=config.num_moe_experts)
-
-
 def mlp_module(layer_spec: Any) -> Any:
     """The module (class) a TransformerLayer spec builds its MLP from, in either spec form."""
     mlp = layer_spec.submodules.mlp
@@ -105,30 +65,6 @@ def mlp_module(layer_spec: Any) -> Any:
 def mlp_modules(block_spec: Any) -> List[Any]:
     """``mlp_module`` of every layer of a TransformerBlock spec."""
     return [mlp_module(layer_spec) for layer_spec in block_spec.layer_specs]
-
-
-def build_dense_layer(
-    config: DenseMixerTransformerConfig, seed: Optional[int] = None
-) -> DenseMixerMoELayer:
-    """A DenseMixerMoELayer from the local spec, after ``torch.manual_seed(seed)`` if given."""
-    if seed is not None:
-        torch.manual_seed(seed)
-    layer = build_moe_layer(config, spec=densemixer_spec(local_moe_spec(config)))
-    assert type(layer) is DenseMixerMoELayer
-    return layer
-
-
-def build_pair(config: DenseMixerTransformerConfig, seed: int = 0):
-    """A DenseMixerMoELayer and a conventional MoELayer holding the same weights."""
-    dense = build_dense_layer(config, seed)
-    conventional = build_moe_layer(dataclasses.replace(config, moe_dense_router_grad=False))
-    if dense.router.expert_bias is not None:
-        with torch.no_grad():
-            dense.router.expert_bias.copy_(torch.randn(config.num_moe_experts) * 0.05)
-    # strict: the plugin keeps every parameter and buffer name of MoELayer.
-    conventional.load_state_dict(dense.state_dict(), strict=True)
-    assert type(dense) is DenseMixerMoELayer and type(conventional) is MoELayer
-    return dense, conventional
 
 
 def run_layer(
@@ -161,11 +97,6 @@ def run_layer(
     else:
         grads = {name: p.grad.clone() for name, p in layer.named_parameters() if p.grad is not None}
     return y.detach(), x.grad, grads
-
-
-def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    """Norm-relative error ||actual - expected|| / ||expected||, in float64."""
-    return ((actual.double() - expected.double()).norm() / expected.double().norm()).item()
 
 
 # --------------------------------------------------------------------------------------

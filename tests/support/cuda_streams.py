@@ -238,7 +238,7 @@ class _TorchStandIn(types.ModuleType):
 
     def __init__(self, inner: Any, cuda: _CudaStandIn) -> None:
         super().__init__("torch")
-        # ``inner`` may itself be a proxy of torch (tests.support.megatron_cpu puts one in
+        # ``inner`` may itself be a proxy of torch (megatron_cpu.shim puts one in
         # pipeline_parallel.schedules); keep whatever it adds.
         self._inner = inner
         self.cuda = cuda
