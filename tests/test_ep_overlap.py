@@ -12,7 +12,10 @@ Two gloo processes, EP = 2 (so also data-parallel 2), alltoall dispatcher, a two
 GPTModel with MoE layers, bf16 parameters, three micro-batches per rank. Each case runs the
 same weights and data through ``get_forward_backward_func()`` with the flag off and on, and
 compares every rank's loss and its (local, not yet data-parallel-reduced) router, expert and
-word-embedding gradients.
+word-embedding gradients. The DenseMixer cases also hold the overlapped run's MoE layers to
+the float64 reference of the math: each layer's router weight gradient and, per micro-batch,
+the gradient of its input, from the x and dL/dy each micro-batch's route and postprocess saw
+and every EP rank's experts.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_cpu import init_model_parallel, run_distributed
 from megatron_cpu.models import make_config, rel_err
 from megatron_densemixer import DenseMixerMoELayer, densemixer_spec
+from tests.support.builders import reference_model, reference_routing
 from tests.support.cuda_streams import apply_cuda_stream_standins
+from tests.support.reference import reference
 
 WORLD, EP = 2, 2
 VOCAB, SEQ, LAYERS, EXPERTS = 32, 8, 2, 4
@@ -54,6 +59,27 @@ MICRO_BATCH, MICRO_BATCHES = 2, 3
 # DenseMixer layer's latest forward instead of the call's own: router error 0.55).
 TOL_LOSS = 1e-5
 TOL_GRAD = 1e-2
+# Tolerances, norm-relative, of the overlapped run's MoE layers against the float64
+# reference of the math (tests/support/reference.py), per layer and rank: the router weight
+# gradient (summed over the micro-batches, as .grad accumulates it) and each micro-batch's
+# gradient of the layer's input. The reference takes the run's own bf16 weights (every
+# expert, gathered over the EP ranks) and the bf16 x and g that each micro-batch's route and
+# postprocess saw, upcast to float64, so what separates the two is bf16 rounding in the run
+# (unit roundoff 2^-9 = 2e-3): the expert GEMMs and SwiGLU behind G[t, e] = <g_t, E_e(x_t)>
+# and dL/dx, each micro-batch's router gradient stored in bf16 (1.6e-3 norm-relative alone)
+# and the two bf16 additions of the three into the bf16 .grad. Measured on megatron-core
+# 0.16.1, the worst layer and rank: router 6.4e-3 (flag on, dense reference), 6.1e-3 (flag
+# off, conventional reference); input gradient 5.0e-3 (either). The bounds are ~3x those.
+# The check can fail: the reference router gradient of the other kind (conventional for
+# flag on, dense for flag off) differs from the right one by 0.74 / 1.03 at least (REF_GAP
+# asks for 0.2), so a run that lost the dense term or added it with the flag off, used
+# another micro-batch's x or g, or only the local experts, fails the router check. The
+# dense term moves dL/dx far less (2.6e-2 at least, through the router's share alone): the
+# input-gradient check guards the expert path and the schedule's sum of dL/dx, not the
+# dense term.
+TOL_REFERENCE = 2e-2
+TOL_REFERENCE_DX = 1.5e-2
+REF_GAP = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,12 +202,63 @@ def forward_step(data_iterator, model, return_schedule_plan: bool = False):
     return output, loss_func
 
 
-def run(case: Case, overlap: bool, state: dict, rank: int) -> Dict[str, torch.Tensor]:
-    """One forward_backward_func call; returns the loss and the flat gradients by kind."""
+class MoECapture:
+    """Records, per forward call of one MoE layer, its input x (what ``route`` hands the
+    router: the pre-MLP layernorm's output, which preprocess dispatches too), the gradient dx
+    of x, and the gradient g of its output (what ``postprocess`` returns, DenseMixer's
+    wrapper included), all as [tokens, hidden]. Entry i of each list is micro-batch i: every
+    schedule runs the micro-batches' forwards in order, and a gradient lands in the slot of
+    the forward call that made its tensor, whenever that call's backward runs."""
+
+    def __init__(self, layer: MoELayer):
+        self.x: List[torch.Tensor] = []
+        self.dx: List[Optional[torch.Tensor]] = []
+        self.g: List[Optional[torch.Tensor]] = []
+        hidden = layer.config.hidden_size
+
+        def on_route(router, args) -> None:
+            x, slot = args[0], len(self.x)
+            self.x.append(x.detach().reshape(-1, hidden).clone())
+            self.dx.append(None)
+
+            def hook(grad: torch.Tensor) -> None:
+                assert self.dx[slot] is None, "an MoE input got two gradients"
+                self.dx[slot] = grad.detach().reshape(-1, hidden).clone()
+
+            x.register_hook(hook)
+
+        layer.router.register_forward_pre_hook(on_route)
+        postprocess = layer.postprocess  # the bound method, looked up by the schedule per call
+
+        def recording_postprocess(*args, **kwargs):
+            output = postprocess(*args, **kwargs)
+            slot = len(self.g)
+            self.g.append(None)
+
+            def hook(grad: torch.Tensor) -> None:
+                assert self.g[slot] is None, "an MoE output got two gradients"
+                self.g[slot] = grad.detach().reshape(-1, hidden).clone()
+
+            output.register_hook(hook)
+            return output
+
+        layer.postprocess = recording_postprocess
+
+
+def moe_layers(model: Float16Module) -> List[MoELayer]:
+    return [layer.mlp for layer in model.module.decoder.layers]
+
+
+def run(
+    case: Case, overlap: bool, state: dict, rank: int, capture: bool = False
+) -> Dict[str, torch.Tensor]:
+    """One forward_backward_func call; returns the loss and the flat gradients by kind, and
+    with ``capture`` the model and each MoE layer's MoECapture."""
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     model = build_model(case, overlap)
     model.load_state_dict(state, strict=True)
+    captures = [MoECapture(layer) for layer in moe_layers(model)] if capture else None
     plans_before = _PLANS_BUILT[0]
     losses = get_forward_backward_func()(
         forward_step_func=forward_step,
@@ -214,7 +291,46 @@ def run(case: Case, overlap: bool, state: dict, rank: int) -> Dict[str, torch.Te
     out = {kind: torch.cat(g) for kind, g in grads.items()}
     out["all_params"] = torch.cat(everything)
     out["loss"] = torch.stack([entry["loss"] for entry in losses])
+    if capture:
+        out["model"], out["captures"] = model, captures
     return out
+
+
+def reference_errors(
+    case: Case, model: Float16Module, captures: List[MoECapture]
+) -> Dict[str, float]:
+    """This rank's MoE layers against the float64 reference, fed each micro-batch's captured
+    x and g and the layer's weights with every EP rank's experts. Norm-relative, the worst
+    layer (and micro-batch): ``reference``, the router weight gradient (summed over the
+    micro-batches, as .grad accumulates it); ``reference_dx``, the layer's input gradient.
+    ``reference_gap``, the best layer: how far the reference router gradient of the other
+    kind (conventional for dense, and back) is from this kind's."""
+    config = model.module.config
+    errors = {"reference": 0.0, "reference_dx": 0.0, "reference_gap": float("inf")}
+    for layer, cap in zip(moe_layers(model), captures, strict=True):
+        assert len(cap.x) == len(cap.g) == MICRO_BATCHES, (len(cap.x), len(cap.g))
+        assert all(g is not None for g in cap.g + cap.dx), "an MoE output or input got no grad"
+        # Every EP rank's experts in rank order, as shard_moe_state_dict splits them:
+        # contiguously, global expert = rank * local experts + local index.
+        local = reference_model(layer, config)
+        num_local = len(local.experts)
+        assert list(layer.local_expert_indices) == [
+            dist.get_rank() * num_local + i for i in range(num_local)
+        ]
+        everyone: List[Optional[list]] = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, local.experts)
+        full = dataclasses.replace(local, experts=[e for part in everyone for e in part])
+        assert len(full.experts) == EXPERTS
+        routing = reference_routing(layer, config)
+        expected = other = 0
+        for x, dx, g in zip(cap.x, cap.dx, cap.g, strict=True):
+            result = reference(full, x, g, routing, dense=case.dense)
+            expected = expected + result.d_router_w
+            other = other + reference(full, x, g, routing, dense=not case.dense).d_router_w
+            errors["reference_dx"] = max(errors["reference_dx"], rel_err(dx, result.d_x))
+        errors["reference"] = max(errors["reference"], rel_err(layer.router.weight.grad, expected))
+        errors["reference_gap"] = min(errors["reference_gap"], rel_err(other, expected))
+    return errors
 
 
 def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> None:
@@ -226,8 +342,10 @@ def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> N
         case = CASES[name]
         state = build_model(case, overlap=False).state_dict()
         plain = run(case, False, state, rank)
-        overlapped = run(case, True, state, rank)
+        overlapped = run(case, True, state, rank, capture=case.densemixer)
         errors = {q: rel_err(overlapped[q], plain[q]) for q in plain}
+        if case.densemixer:
+            errors.update(reference_errors(case, overlapped["model"], overlapped["captures"]))
         if case.dense:
             conventional = run(dataclasses.replace(case, dense=False), False, state, rank)
             errors["dense_term"] = rel_err(conventional["router"], plain["router"])
@@ -235,8 +353,13 @@ def _run_world(rank: int, world_size: int, names: List[str], out_path: str) -> N
     everyone: List[Optional[dict]] = [None] * world_size
     dist.all_gather_object(everyone, results)
     if rank == 0:
+        # Errors: the worst rank; the reference gap (a lower bound): the best.
         merged = {
-            name: {q: max(r[name][q] for r in everyone) for q in results[name]} for name in names
+            name: {
+                q: (min if q == "reference_gap" else max)(r[name][q] for r in everyone)
+                for q in results[name]
+            }
+            for name in names
         }
         with open(out_path, "w") as f:
             json.dump(merged, f)
@@ -264,6 +387,15 @@ def _check(errors: Dict[str, float]) -> None:
         assert errors[quantity] < TOL_GRAD, (
             f"{quantity}: norm-relative error {errors[quantity]:.3g}"
         )
+    if "reference" in errors:
+        # The router check can fail: the other kind's reference is far outside its bound.
+        assert errors["reference_gap"] > REF_GAP, errors
+        assert errors["reference"] < TOL_REFERENCE, (
+            f"router vs float64 reference: norm-relative error {errors['reference']:.3g}"
+        )
+        assert errors["reference_dx"] < TOL_REFERENCE_DX, (
+            f"MoE input gradient vs float64 reference: error {errors['reference_dx']:.3g}"
+        )
 
 
 @pytest.mark.parametrize("name", GROUPS["conventional"])
@@ -274,8 +406,10 @@ def test_overlap_schedule_matches_plain_schedule(name, group_results):
     Guards the CPU stand-ins of the schedule's CUDA streams and events and the schedule
     itself (node-by-node backward, interleaved micro-batches, the all-to-alls of one
     micro-batch's dispatch and combine between another's backward nodes), for Megatron's
-    MoELayer and for DenseMixerMoELayer with the flag off, which must stay exactly MoELayer.
-    Tolerances: TOL_LOSS, TOL_GRAD (bf16, see there).
+    MoELayer and for DenseMixerMoELayer with the flag off, which must stay exactly MoELayer:
+    its router gradient and MoE input gradients also match the float64 conventional
+    reference (and not the dense one). Tolerances: TOL_LOSS, TOL_GRAD, TOL_REFERENCE,
+    TOL_REFERENCE_DX (bf16, see there).
     """
     _check(group_results("conventional")[name])
 
@@ -292,10 +426,13 @@ def test_overlap_schedule_dense_router_grad(group_results):
     layer runs in between). A dense gradient carried across the cut by an autograd edge fails
     here with "Trying to backward through the graph a second time".
 
-    The plain DenseMixer run is held to the float64 reference per layer and to a single-rank
-    run per model by the other tests (a whole-model float64 reference does not exist); the
-    dense term must be visible here: the router gradient differs from the conventional one
-    (same weights and data, flag off) by more than 1e-2. Tolerances: TOL_LOSS, TOL_GRAD.
+    The overlapped run's router gradient, per MoE layer and rank and summed over the
+    micro-batches, is also held to the float64 DenseMixer reference of that layer (fed the
+    x and dL/dy each micro-batch's route and postprocess saw, and every EP rank's experts),
+    and each micro-batch's MoE input gradient too; the conventional reference is far
+    outside that bound (REF_GAP). The dense term must be visible here: the router gradient
+    differs from the conventional one (same weights and data, flag off) by more than 1e-2.
+    Tolerances: TOL_LOSS, TOL_GRAD, TOL_REFERENCE, TOL_REFERENCE_DX.
     """
     errors = group_results("dense")["densemixer_flag_on"]
     assert errors["dense_term"] > 1e-2, "the dense router term must be visible in this batch"
