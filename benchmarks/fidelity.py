@@ -55,13 +55,8 @@ def router_grad_fidelity(
         with torch.no_grad():
             layer.router.weight.mul_(scale)
     try:
-
-        def router_grad(name: str) -> torch.Tensor:
-            layer = layers[name]
-            train_step(layer, x, g, list(layer.parameters()))
-            return layer.router.weight.grad.clone()
-
-        exact, conv = router_grad("exact"), router_grad("conventional")
+        exact = _router_grad(layers["exact"], x, g)
+        conv = _router_grad(layers["conventional"], x, g)
         with torch.no_grad():
             logits = x.reshape(-1, shape.hidden) @ layers["exact"].router.weight.t()
             topk_mass = torch.softmax(logits, -1).topk(shape.topk, dim=-1).values.sum(-1)
@@ -69,19 +64,9 @@ def router_grad_fidelity(
         settings = {}
         for name, overrides in KNOB_SETTINGS.items():
             random = "moe_dense_router_grad_token_fraction" in overrides(shape.topk)
-            ema = getattr(layers[name], "dense_router_grad_ema", None)
-            if ema is not None:
-                ema.reset()
-                for _ in range(draws):
-                    warm = torch.randn_like(x).requires_grad_(True)
-                    train_step(layers[name], warm, g, list(layers[name].parameters()))
-            grads = [router_grad(name) for _ in range(draws if random else 1)]
-            settings[name] = {
-                "cosine": median([cosine(gr, exact) for gr in grads]),
-                "rel_err": median([rel_err(gr, exact) for gr in grads]),
-                "dense_term_cosine": median([cosine(gr - conv, exact - conv) for gr in grads]),
-                "dense_term_rel_err": median([rel_err(gr - conv, exact - conv) for gr in grads]),
-            }
+            _warm_ema(layers[name], x, g, draws)
+            grads = [_router_grad(layers[name], x, g) for _ in range(draws if random else 1)]
+            settings[name] = _agreement(grads, exact, conv)
     finally:
         for layer in layers.values():
             with torch.no_grad():
@@ -92,4 +77,41 @@ def router_grad_fidelity(
         "topk_mass": topk_mass.mean().item(),
         "draws": draws,
         "settings": settings,
+    }
+
+
+def _router_grad(layer: Any, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """router.weight.grad after one training step of ``layer`` on x with dL/dy = g."""
+    train_step(layer, x, g, list(layer.parameters()))
+    return layer.router.weight.grad.clone()
+
+
+def _warm_ema(layer: Any, x: torch.Tensor, g: torch.Tensor, draws: int) -> None:
+    """Empties ``layer``'s EMA table, if it has one, and warms it on ``draws`` fresh batches.
+
+    Without the warm-up the measured step would see a table built only from its own tokens,
+    unlike training, where the table holds mostly other batches'.
+    """
+    ema = getattr(layer, "dense_router_grad_ema", None)
+    if ema is None:
+        return
+    ema.reset()
+    for _ in range(draws):
+        warm = torch.randn_like(x).requires_grad_(True)
+        train_step(layer, warm, g, list(layer.parameters()))
+
+
+def _agreement(
+    grads: list[torch.Tensor], exact: torch.Tensor, conv: torch.Tensor
+) -> dict[str, float]:
+    """Median cosine and relative error of ``grads`` against ``exact``, whole and dense term.
+
+    The dense term is the gradient minus the conventional one, ``conv``, which every setting
+    keeps exactly.
+    """
+    return {
+        "cosine": median([cosine(gr, exact) for gr in grads]),
+        "rel_err": median([rel_err(gr, exact) for gr in grads]),
+        "dense_term_cosine": median([cosine(gr - conv, exact - conv) for gr in grads]),
+        "dense_term_rel_err": median([rel_err(gr - conv, exact - conv) for gr in grads]),
     }

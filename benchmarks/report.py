@@ -35,62 +35,72 @@ def evaluate_targets(results: list[dict[str, Any]], clock: str) -> list[dict[str
     Returns:
         One entry per target and shape: what, the value, the limit, met or not, a detail line.
     """
-    targets: list[dict[str, Any]] = []
     largest = max(results, key=lambda r: Shape(**r["shape"]).conventional_gflop())
+    targets = [_step_time_target(largest, clock)]
+    for r in results:
+        if r["shape"]["experts"] / r["shape"]["topk"] >= 4:
+            targets.append(_reference_overhead_target(r, clock))
+        targets.append(_peak_memory_target(r))
+        targets.append(_no_grad_forward_target(r, clock))
+    return targets
+
+
+def _step_time_target(largest: dict[str, Any], clock: str) -> dict[str, Any]:
+    """Target 1 on the largest shape's result."""
     measured = largest["step_ratio"][clock]["densemixer"]
     theory = largest["theory"]["densemixer"]
-    targets.append(
-        {
-            "target": "step time / conventional <= 1.15 x theory, largest shape",
-            "shape": largest["shape"]["name"],
-            "value": measured / theory,
-            "limit": 1.15,
-            "met": measured <= 1.15 * theory,
-            "detail": f"measured {measured:.2f}x, theory {theory:.2f}x",
-        }
-    )
-    for r in results:
-        name = r["shape"]["name"]
-        if r["shape"]["experts"] / r["shape"]["topk"] >= 4:
-            ours = r["step_ratio"][clock]["densemixer"] - 1.0
-            ref = r["step_ratio"][clock]["reference"] - 1.0
-            ratio = ref / ours if ours > 0 else float("inf")
-            targets.append(
-                {
-                    "target": "reference overhead / densemixer overhead >= 2 (E/k >= 4)",
-                    "shape": name,
-                    "value": ratio,
-                    "limit": 2.0,
-                    "met": ratio >= 2.0,
-                    "detail": f"overheads: densemixer +{ours:.2f}x, reference +{ref:.2f}x",
-                }
-            )
-        conv_peak, ours_peak = r["peak_bytes"]["conventional"], r["peak_bytes"]["densemixer"]
-        allowed = r["chunk_bytes"] + 0.05 * conv_peak
-        targets.append(
-            {
-                "target": "peak - conventional peak <= one chunk + 5% of conventional peak",
-                "shape": name,
-                "value": (ours_peak - conv_peak) / MIB,
-                "limit": allowed / MIB,
-                "met": ours_peak - conv_peak <= allowed,
-                "detail": f"+{(ours_peak - conv_peak) / MIB:.2f} MiB, allowed "
-                f"{allowed / MIB:.2f} MiB (chunk {r['chunk_bytes'] / MIB:.2f} MiB)",
-            }
-        )
-        fwd = r["no_grad_forward_ratio"][clock]["densemixer"]
-        targets.append(
-            {
-                "target": "no-grad forward / conventional <= 1.02",
-                "shape": name,
-                "value": fwd,
-                "limit": 1.02,
-                "met": fwd <= 1.02,
-                "detail": f"{fwd:.3f}x (conventional against itself: "
-                f"{r['no_grad_forward_ratio'][clock]['conventional_again']:.3f}x)",
-            }
-        )
-    return targets
+    return {
+        "target": "step time / conventional <= 1.15 x theory, largest shape",
+        "shape": largest["shape"]["name"],
+        "value": measured / theory,
+        "limit": 1.15,
+        "met": measured <= 1.15 * theory,
+        "detail": f"measured {measured:.2f}x, theory {theory:.2f}x",
+    }
+
+
+def _reference_overhead_target(r: dict[str, Any], clock: str) -> dict[str, Any]:
+    """Target 2 on one shape's result."""
+    ours = r["step_ratio"][clock]["densemixer"] - 1.0
+    ref = r["step_ratio"][clock]["reference"] - 1.0
+    ratio = ref / ours if ours > 0 else float("inf")
+    return {
+        "target": "reference overhead / densemixer overhead >= 2 (E/k >= 4)",
+        "shape": r["shape"]["name"],
+        "value": ratio,
+        "limit": 2.0,
+        "met": ratio >= 2.0,
+        "detail": f"overheads: densemixer +{ours:.2f}x, reference +{ref:.2f}x",
+    }
+
+
+def _peak_memory_target(r: dict[str, Any]) -> dict[str, Any]:
+    """Target 3 on one shape's result."""
+    conv_peak, ours_peak = r["peak_bytes"]["conventional"], r["peak_bytes"]["densemixer"]
+    allowed = r["chunk_bytes"] + 0.05 * conv_peak
+    return {
+        "target": "peak - conventional peak <= one chunk + 5% of conventional peak",
+        "shape": r["shape"]["name"],
+        "value": (ours_peak - conv_peak) / MIB,
+        "limit": allowed / MIB,
+        "met": ours_peak - conv_peak <= allowed,
+        "detail": f"+{(ours_peak - conv_peak) / MIB:.2f} MiB, allowed "
+        f"{allowed / MIB:.2f} MiB (chunk {r['chunk_bytes'] / MIB:.2f} MiB)",
+    }
+
+
+def _no_grad_forward_target(r: dict[str, Any], clock: str) -> dict[str, Any]:
+    """Target 4 on one shape's result."""
+    fwd = r["no_grad_forward_ratio"][clock]["densemixer"]
+    return {
+        "target": "no-grad forward / conventional <= 1.02",
+        "shape": r["shape"]["name"],
+        "value": fwd,
+        "limit": 1.02,
+        "met": fwd <= 1.02,
+        "detail": f"{fwd:.3f}x (conventional against itself: "
+        f"{r['no_grad_forward_ratio'][clock]['conventional_again']:.3f}x)",
+    }
 
 
 def format_tables(
@@ -110,6 +120,15 @@ def format_tables(
     Returns:
         The tables, then the targets, as one string.
     """
+    lines = _step_table(results, clock) + [""] + _memory_table(results, clock)
+    if knobs is not None:
+        lines += [""] + _knobs_table(knobs, clock)
+    lines += ["", "Targets", ""] + _target_lines(targets)
+    return "\n".join(lines)
+
+
+def _step_table(results: list[dict[str, Any]], clock: str) -> list[str]:
+    """Forward + backward step time of the three layers, one row per shape."""
     lines = [
         f"Forward + backward, median {clock} ms (ratio to conventional; "
         "theory = expert FLOP ratio)",
@@ -127,8 +146,12 @@ def format_tables(
             f"| {1e3 * t['reference']['median']:.1f} ({q['reference']:.2f}x) "
             f"| {r['theory']['reference']:.2f}x |"
         )
-    lines += [
-        "",
+    return lines
+
+
+def _memory_table(results: list[dict[str, Any]], clock: str) -> list[str]:
+    """Peak and saved memory of the three layers, and no-grad forward time, one row per shape."""
+    lines = [
         "Memory of one forward + backward (MiB above the weights and input) and no-grad "
         f"forward (median {clock} ms)",
         "",
@@ -149,42 +172,49 @@ def format_tables(
             f"| {1e3 * fw['densemixer']['median']:.2f} ({fq['densemixer']:.3f}x) "
             f"| {fq['conventional_again']:.3f}x |"
         )
-    if knobs is not None:
-        lines += [
-            "",
-            f"Approximations and the EMA estimator on {knobs['shape']['name']}: step time, "
-            "and router.weight.grad "
-            "against exact DenseMixer (cosine / relative error) at two router sharpnesses",
-            "",
-            f"| setting | step {clock} ms | / conventional | theory "
+    return lines
+
+
+def _knobs_table(knobs: dict[str, Any], clock: str) -> list[str]:
+    """Step time and router-gradient fidelity of each approximation, one column per sharpness."""
+    lines = [
+        f"Approximations and the EMA estimator on {knobs['shape']['name']}: step time, "
+        "and router.weight.grad "
+        "against exact DenseMixer (cosine / relative error) at two router sharpnesses",
+        "",
+        f"| setting | step {clock} ms | / conventional | theory "
+        + "".join(
+            f"| cos, rel err (logit std {f['logit_std']:.2f}, top-k mass {f['topk_mass']:.2f}) "
+            for f in knobs["fidelity"]
+        )
+        + "|",
+        "|---|--:|--:|--:|" + "--:|" * len(knobs["fidelity"]),
+    ]
+    kt, kq = knobs["step_s"][clock], knobs["step_ratio"][clock]
+    for name, k in knobs["settings"].items():
+        lines.append(
+            f"| {name} | {1e3 * kt[name]['median']:.1f} | {kq[name]:.2f}x "
+            f"| {k['theory']:.2f}x "
             + "".join(
-                f"| cos, rel err (logit std {f['logit_std']:.2f}, top-k mass {f['topk_mass']:.2f}) "
+                f"| {f['settings'][name]['cosine']:.4f}, {f['settings'][name]['rel_err']:.3f} "
                 for f in knobs["fidelity"]
             )
-            + "|",
-            "|---|--:|--:|--:|" + "--:|" * len(knobs["fidelity"]),
-        ]
-        kt, kq = knobs["step_s"][clock], knobs["step_ratio"][clock]
-        for name, k in knobs["settings"].items():
-            lines.append(
-                f"| {name} | {1e3 * kt[name]['median']:.1f} | {kq[name]:.2f}x "
-                f"| {k['theory']:.2f}x "
-                + "".join(
-                    f"| {f['settings'][name]['cosine']:.4f}, {f['settings'][name]['rel_err']:.3f} "
-                    for f in knobs["fidelity"]
-                )
-                + "|"
-            )
-    lines += ["", "Targets", ""]
+            + "|"
+        )
+    return lines
+
+
+def _target_lines(targets: list[dict[str, Any]]) -> list[str]:
+    """One bullet per target, met or MISSED, or why none were evaluated."""
     if not targets:
-        lines.append(
+        return [
             "- not evaluated: the quick shapes are too small (fixed per-call costs outweigh "
             "the expert GEMMs); run the default set"
-        )
-    for t in targets:
-        mark = "met   " if t["met"] else "MISSED"
-        lines.append(f"- {mark} {t['target']} [{t['shape']}]: {t['detail']}")
-    return "\n".join(lines)
+        ]
+    return [
+        f"- {'met   ' if t['met'] else 'MISSED'} {t['target']} [{t['shape']}]: {t['detail']}"
+        for t in targets
+    ]
 
 
 def cpu_model() -> str:

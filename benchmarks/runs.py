@@ -53,33 +53,15 @@ def bench_shape(shape: Shape, warmup: int, repeats: int, progress: Progress) -> 
         "reference": lambda: train_step(reference, x, g, params),
     }
     times = time_interleaved(steps, warmup, repeats, progress, f"{shape.name} fwd+bwd")
-
-    # The no-grad forward is short: more repeats for a stable median.
-    # "conventional_again" times the same layer twice per round: its ratio is the noise
-    # floor against which the densemixer ratio should be read.
-    forwards = {
-        "conventional": lambda: forward_no_grad(conventional, x),
-        "densemixer": lambda: forward_no_grad(densemixer, x),
-        "conventional_again": lambda: forward_no_grad(conventional, x),
-    }
-    fwd_times = time_interleaved(
-        forwards, warmup + 1, 4 * repeats, progress, f"{shape.name} no-grad fwd"
+    fwd_times = _time_no_grad_forwards(
+        conventional, densemixer, x, warmup, repeats, progress, shape.name
     )
-
-    forward_backwards = {
-        "conventional": (params_conv, lambda: forward_backward(conventional, x, g)),
-        "densemixer": (params, lambda: forward_backward(densemixer, x, g)),
-        "reference": (params, lambda: forward_backward(reference, x, g)),
+    layers = {
+        "conventional": (conventional, params_conv),
+        "densemixer": (densemixer, params),
+        "reference": (reference, params),
     }
-    peaks = {}
-    for name, (layer_params, fn) in forward_backwards.items():
-        clear_grads(x, layer_params)  # outside the profile: the step starts with no grads
-        peaks[name] = peak_step_bytes(fn)
-    saved = {
-        "conventional": saved_activation_bytes(lambda: conventional(x), [*params_conv, x.detach()]),
-        "densemixer": saved_activation_bytes(lambda: densemixer(x), [*params, x.detach()]),
-        "reference": saved_activation_bytes(lambda: reference(x), [*params, x.detach()]),
-    }
+    peaks, saved = _profile_memory(layers, x, g)
     progress.step(f"{shape.name} memory profiled")
 
     chunk_tokens = min(densemixer.dense_token_ring.chunk_size, shape.tokens)
@@ -101,6 +83,44 @@ def bench_shape(shape: Shape, warmup: int, repeats: int, progress: Progress) -> 
         "chunk_bytes": chunk_tokens
         * dense_chunk_bytes_per_token(densemixer.config, shape.ffn, torch.float32),
     }
+
+
+def _time_no_grad_forwards(
+    conventional: torch.nn.Module,
+    densemixer: torch.nn.Module,
+    x: torch.Tensor,
+    warmup: int,
+    repeats: int,
+    progress: Progress,
+    name: str,
+) -> dict[str, dict[str, list[float]]]:
+    """Times of the no-grad forward of conventional (twice per round) and densemixer."""
+    # The no-grad forward is short: more repeats for a stable median.
+    # "conventional_again" times the same layer twice per round: its ratio is the noise
+    # floor against which the densemixer ratio should be read.
+    forwards = {
+        "conventional": lambda: forward_no_grad(conventional, x),
+        "densemixer": lambda: forward_no_grad(densemixer, x),
+        "conventional_again": lambda: forward_no_grad(conventional, x),
+    }
+    return time_interleaved(forwards, warmup + 1, 4 * repeats, progress, f"{name} no-grad fwd")
+
+
+def _profile_memory(
+    layers: dict[str, tuple[torch.nn.Module, list[torch.nn.Parameter]]],
+    x: torch.Tensor,
+    g: torch.Tensor,
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Peak bytes of one forward + backward and bytes saved for backward, per layer name."""
+    peaks = {}
+    for name, (layer, layer_params) in layers.items():
+        clear_grads(x, layer_params)  # outside the profile: the step starts with no grads
+        peaks[name] = peak_step_bytes(functools.partial(forward_backward, layer, x, g))
+    saved = {
+        name: saved_activation_bytes(functools.partial(layer, x), [*layer_params, x.detach()])
+        for name, (layer, layer_params) in layers.items()
+    }
+    return peaks, saved
 
 
 def bench_knobs(shape: Shape, warmup: int, repeats: int, progress: Progress) -> dict[str, Any]:

@@ -140,17 +140,46 @@ def reference(
     """
     x = x.to(f64)
     g = g.to(f64)
-    num_tokens, num_experts = x.shape[0], model.router_w.shape[0]
     z = x @ model.router_w.T
     if model.router_b is not None:
         z = z + model.router_b
     s = _scores(z, r.score_function)
-    c = r.scaling_factor or 1.0
-    eps = 0.0 if r.score_function == "softmax" else 1e-20
 
     outputs = torch.stack([expert(x, model.act, model.glu) for expert in model.experts], 1)
     G = torch.einsum("th,teh->te", g, outputs)  # [T, E]
 
+    y, selected, weights, ds = _route(x, z, s, outputs, G, r, dense, forced_selection, kept)
+    dz = _scores_backward(z, s, ds, r.score_function)
+    dz = dz + _aux_grad(z, selected, r)
+    shared, d_x_experts = _expert_path(model, x, g, weights)
+    if shared is not None:
+        y = y + shared
+
+    return Result(
+        y=y,
+        selected=selected,
+        d_router_w=dz.T @ x,
+        d_router_b=dz.sum(0) if model.router_b is not None else None,
+        d_x=dz @ model.router_w + d_x_experts,
+        extras={"G": G, "weights": weights},
+    )
+
+
+def _route(
+    x: torch.Tensor,
+    z: torch.Tensor,
+    s: torch.Tensor,
+    outputs: torch.Tensor,
+    G: torch.Tensor,
+    r: Routing,
+    dense: bool,
+    forced_selection: Optional[torch.Tensor],
+    kept: Optional[torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Routes one token at a time: y [T, H], K (bool [T, E]), the weights and dL/ds [T, E]."""
+    num_tokens, num_experts = s.shape
+    c = r.scaling_factor or 1.0
+    eps = 0.0 if r.score_function == "softmax" else 1e-20
     y = torch.zeros_like(x)
     selected = torch.zeros(num_tokens, num_experts, dtype=torch.bool)
     weights = torch.zeros(num_tokens, num_experts, dtype=f64)
@@ -170,47 +199,63 @@ def reference(
         for e in K:
             weights[t, e] = c * s[t, e] / S if r.renormalised else c * s[t, e]
             y[t] += weights[t, e] * outputs[t, e]
-        baseline = sum(s[t, e] / S * G[t, e] for e in K) if r.renormalised else 0.0
-        for j in range(num_experts):
-            if not r.renormalised:
-                ds[t, j] = c * G[t, j] if (j in K or dense) else 0.0
-                continue
-            if j in top:  # the conventional term: j's weight, or only its share of S
-                ds[t, j] = c * ((G[t, j] if j in K else 0.0) - baseline) / S
-            if dense and j not in K:
-                ds[t, j] += c * (G[t, j] if r.variant == "partscale" else G[t, j] - baseline) / S
+        ds[t] = _token_score_grad(s[t], G[t], top, K, S, c, r, dense)
+    return y, selected, weights, ds
 
-    # ds/dz for each score function.
-    if r.score_function == "softmax":
-        dz = s * (ds - (s * ds).sum(-1, keepdim=True))
-    elif r.score_function == "sigmoid":
-        dz = ds * s * (1 - s)
-    else:
-        dz = ds * torch.sigmoid(z) / (2 * s)
 
-    dz = dz + _aux_grad(z, selected, r)
+def _token_score_grad(
+    s_t: torch.Tensor,
+    G_t: torch.Tensor,
+    top: List[int],
+    K: List[int],
+    S: torch.Tensor,
+    c: float,
+    r: Routing,
+    dense: bool,
+) -> torch.Tensor:
+    """dL/ds [E] of one token, expert by expert, as the module docstring writes it."""
+    ds_t = torch.zeros(s_t.numel(), dtype=f64)
+    baseline = sum(s_t[e] / S * G_t[e] for e in K) if r.renormalised else 0.0
+    for j in range(s_t.numel()):
+        if not r.renormalised:
+            ds_t[j] = c * G_t[j] if (j in K or dense) else 0.0
+            continue
+        if j in top:  # the conventional term: j's weight, or only its share of S
+            ds_t[j] = c * ((G_t[j] if j in K else 0.0) - baseline) / S
+        if dense and j not in K:
+            ds_t[j] += c * (G_t[j] if r.variant == "partscale" else G_t[j] - baseline) / S
+    return ds_t
 
-    # The conventional expert path and the shared expert: autograd through a naive loop.
+
+def _scores_backward(z: torch.Tensor, s: torch.Tensor, ds: torch.Tensor, fn: str) -> torch.Tensor:
+    """dL/dz = (ds/dz)^T dL/ds [T, E] for each score function."""
+    if fn == "softmax":
+        return s * (ds - (s * ds).sum(-1, keepdim=True))
+    if fn == "sigmoid":
+        return ds * s * (1 - s)
+    return ds * torch.sigmoid(z) / (2 * s)
+
+
+def _expert_path(
+    model: Model, x: torch.Tensor, g: torch.Tensor, weights: torch.Tensor
+) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """The shared expert's output (None without one) and dL/dx through the expert outputs.
+
+    The routed experts count through their conventional path only, at the fixed ``weights``
+    [T, E]; the router's share of dL/dx comes from dz. Autograd through a naive loop.
+    """
     x_leaf = x.clone().requires_grad_(True)
     y_path = torch.zeros_like(x)
     for e, expert in enumerate(model.experts):
         y_path = y_path + weights[:, e : e + 1] * expert(x_leaf, model.act, model.glu)
+    shared = None
     if model.shared is not None:
         shared = model.shared(x_leaf, model.act, model.glu)
         if model.shared_gate is not None:
             shared = shared * torch.sigmoid(x_leaf @ model.shared_gate.T)
-        y = y + shared.detach()
         y_path = y_path + shared
     (d_x_experts,) = torch.autograd.grad((y_path * g).sum(), x_leaf)
-
-    return Result(
-        y=y,
-        selected=selected,
-        d_router_w=dz.T @ x,
-        d_router_b=dz.sum(0) if model.router_b is not None else None,
-        d_x=dz @ model.router_w + d_x_experts,
-        extras={"G": G, "weights": weights},
-    )
+    return (shared.detach() if shared is not None else None), d_x_experts
 
 
 def _aux_grad(z: torch.Tensor, selected: torch.Tensor, r: Routing) -> torch.Tensor:
