@@ -11,7 +11,8 @@ TORCH_VERSION ?= 2.13.0
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
-	# torch first: this exact version is the local CPU wheel; anything else pulls CUDA builds.
+	# torch first and pinned (megatron-core would pick its own). Where the pip index holds the CPU
+	# wheel of this version (CI's does) that is what installs; elsewhere see the README.
 	$(PIP_INSTALL) $(PY) torch==$(TORCH_VERSION)
 	$(PIP_INSTALL) $(PY) megatron-core==$(MCORE_VERSION) pytest ruff numpy
 	$(PIP_INSTALL) $(PY) --no-deps -e .

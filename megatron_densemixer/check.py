@@ -6,19 +6,21 @@ its routers are frozen (NeMo-RL's ``freeze_moe_router``, PEFT freezing every bas
 a CUDA graph replays its routers. ``check_dense_router_grad_applied`` raises for the first
 case when called on a built model; the watch below runs the same check by itself:
 
-- importing the package installs one module-registration hook (PyTorch's
+- validating a config (``validate_dense_router_grad``, which DenseMixer's config classes, the
+  layer and every integration run) installs one module-registration hook (PyTorch's
   ``register_module_module_registration_hook``): it runs only while modules are assigned to
   their parents, i.e. at model build, and costs nothing per step;
-- every Megatron MoE layer whose config has the flag on gets a forward pre-hook on its router
-  (the one module every path runs, the EP overlap schedule's included, which calls the layer's
-  step methods rather than its forward);
+- every Megatron MoE layer whose config has the flag on, or is a DenseMixer config class (its
+  flag may be switched on after build), gets a forward pre-hook on its router (the one module
+  every path runs, the EP overlap schedule's included, which calls the layer's step methods
+  rather than its forward);
 - at the first training forward (module in training mode, grad enabled) of any of them, the
   watched layers of that config in training mode (a model's layers share its config) are
   looked at together: a layer that would train conventionally raises, and so does a training
   forward under a local CUDA graph that replays the routers (the hooks stay, so every
   training forward raises again); otherwise frozen routers are named in one warning and the
-  hooks are removed. Forwards without grad (inference copies, RL log-prob passes) leave the
-  hooks in place and are never refused.
+  hooks are removed (also when the flag is off by then). Forwards without grad (inference
+  copies, RL log-prob passes) leave the hooks in place and are never refused.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ from typing import Any, Callable, Dict, List
 import torch
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from megatron_densemixer.options import dense_router_grad_enabled, replays_router
+from megatron_densemixer.options import (
+    DenseMixerOptions,
+    dense_router_grad_enabled,
+    replays_router,
+)
 
 logger = logging.getLogger("megatron_densemixer")
 
@@ -105,8 +111,12 @@ def _on_module_registered(parent: torch.nn.Module, name: str, module: Any) -> No
 
 
 def watch_moe_layer(layer: MoELayer) -> None:
-    """Watches one MoE layer whose config has the flag on (no-op otherwise, or if watched)."""
-    if hasattr(layer, _HOOK_ATTR) or not dense_router_grad_enabled(layer.config):
+    """Watches one MoE layer whose config has the flag on or is a DenseMixer config class
+    (no-op otherwise, or if already watched)."""
+    config = layer.config
+    if hasattr(layer, _HOOK_ATTR) or not (
+        dense_router_grad_enabled(config) or isinstance(config, DenseMixerOptions)
+    ):
         return
     _WATCHED.setdefault(id(layer.config), []).append(weakref.ref(layer))
     _hook_router(layer, layer.router)
@@ -142,10 +152,11 @@ def _look_at_group(layer: MoELayer) -> None:
     alive = [m for m in (r() for r in refs) if m is not None]
     group = [m for m in alive if m.training] or [layer]
     config = layer.config
-    not_applied = [m for m in group if not applies_dense_router_grad(m)]
+    enabled = dense_router_grad_enabled(config)
+    not_applied = [m for m in group if enabled and not applies_dense_router_grad(m)]
     if not_applied:
         raise RuntimeError(_not_applied_message(_layer_names(not_applied), not_applied))
-    if replays_router(config):
+    if enabled and replays_router(config):
         raise RuntimeError(
             f"moe_dense_router_grad=True: this model trains with cuda_graph_impl="
             f"{config.cuda_graph_impl!r} and a cuda_graph_scope that replays the router "
@@ -160,7 +171,9 @@ def _look_at_group(layer: MoELayer) -> None:
         if handle is not None:
             handle.remove()
             object.__setattr__(member, _HOOK_ATTR, None)
-    frozen = [m for m in group if not any(p.requires_grad for p in m.router.parameters())]
+    frozen = [
+        m for m in group if enabled and not any(p.requires_grad for p in m.router.parameters())
+    ]
     if frozen:
         logger.warning(
             "moe_dense_router_grad=True, but the routers of MoE layer(s) %s have no trainable "

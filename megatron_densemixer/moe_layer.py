@@ -22,7 +22,6 @@ from megatron_densemixer.check import watch_moe_layer
 from megatron_densemixer.ema import EMAEstimator, ExpertOutputEMA, build_expert_output_ema
 from megatron_densemixer.experts import expert_functions, local_expert_weights
 from megatron_densemixer.options import (
-    DenseMixerOptions,
     dense_router_grad_enabled,
     dense_router_grad_options,
     validate_dense_router_grad,
@@ -70,10 +69,10 @@ class DenseMixerMoELayer(MoELayer):
         # tp_group: what TransformerLayer (<= 0.17) may pass to an MLP that is not MoELayer
         # itself; the layer's process groups come from compat.mlp_process_groups instead.
         del tp_group
-        # A DenseMixer config class validated itself when built; a framework's config that
-        # merely carries the fields is validated here, once per layer build.
-        if not isinstance(config, DenseMixerOptions):
-            validate_dense_router_grad(config)
+        # Validated at every layer build, also for a DenseMixer config class that validated
+        # itself: a field assigned after the config was built (a dataclass does not re-run
+        # __post_init__) would otherwise reach the backward unchecked.
+        validate_dense_router_grad(config)
         pg_collection = compat.mlp_process_groups(pg_collection)
         enabled = dense_router_grad_enabled(config)
         if enabled and submodules is not None and submodules.router is TopKRouter:

@@ -40,7 +40,7 @@ class DenseMixerOptions:
         default="partscale",
         metadata={
             "help": "Dense weights of the non-selected experts: 'partscale' (the DenseMixer "
-            "reference, w_e = s_e / stopgrad(S)) or 'gated' (also subtracts the selected "
+            "reference, w_e = c s_e / stopgrad(S)) or 'gated' (also subtracts the selected "
             "experts' baseline; needs renormalised top-k weights)."
         },
     )
@@ -131,10 +131,14 @@ def replays_router(config: Any) -> bool:
     """
     if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
         return False
+    # The forms Megatron's __post_init__ normalises (a string, one scope, a list of strings),
+    # for a scope assigned after the config was built; "full" is the whole layer.
     scope = getattr(config, "cuda_graph_scope", None) or []
     if isinstance(scope, str):
-        scope = [s for s in scope.split(",") if s and s != "full"]
-    names = [getattr(s, "name", s) for s in scope]
+        scope = scope.split(",")
+    elif not isinstance(scope, (list, tuple)):
+        scope = [scope]
+    names = [getattr(s, "name", s) for s in scope if s and s != "full"]
     return not names or any(name in _ROUTER_SCOPES for name in names)
 
 
@@ -188,6 +192,9 @@ def _is_real(value: Any) -> bool:
         return False
 
 
+_FP32_SMALLEST_NORMAL = 2.0**-126
+
+
 def _check_types(options: DenseMixerOptions) -> None:
     """Type and range of each option on its own, whether or not the flag is on."""
     flag = options.moe_dense_router_grad
@@ -217,16 +224,18 @@ def _check_types(options: DenseMixerOptions) -> None:
         )
     topm = options.moe_dense_router_grad_topm
     # M <= k would score no non-selected expert; M > E does not exist.
-    if topm is not None and not _is_int(topm):
+    if topm is not None and not (_is_int(topm) and topm >= 2):
         raise ValueError(
-            f"moe_dense_router_grad_topm must be an integer or None, got {topm!r}; set None "
-            "for the exact gradient."
+            f"moe_dense_router_grad_topm must be an integer above moe_router_topk (so at "
+            f"least 2) or None, got {topm!r}; set None for the exact gradient."
         )
     fraction = options.moe_dense_router_grad_token_fraction
-    if not (_is_real(fraction) and 0.0 < fraction <= 1.0):
+    # The sampled tokens' fp32 gradient is scaled by 1/f: below the smallest normal fp32, f
+    # rounds to 0 (or 1/f overflows) and the router gradient would be NaN.
+    if not (_is_real(fraction) and _FP32_SMALLEST_NORMAL <= fraction <= 1.0):
         raise ValueError(
-            f"moe_dense_router_grad_token_fraction must be in (0, 1], got {fraction!r}; "
-            "1.0 gives the exact gradient."
+            f"moe_dense_router_grad_token_fraction must be in (0, 1] and at least 2**-126 "
+            f"(the smallest normal float32), got {fraction!r}; 1.0 gives the exact gradient."
         )
     estimator = options.moe_dense_router_grad_estimator
     if estimator not in DENSE_ROUTER_GRAD_ESTIMATORS:
@@ -252,8 +261,8 @@ def validate_dense_router_grad(config: Any) -> None:
     carrying the ``moe_dense_router_grad*`` attributes, so frameworks that build their own
     config class can call it too.
 
-    With the flag on it also installs the build-time watch of ``megatron_densemixer.check``
-    (every entry path validates, so every path is watched).
+    It also installs the build-time watch of ``megatron_densemixer.check`` (every entry path
+    validates, so every path is watched, also a config whose flag is switched on after build).
 
     Raises:
         ValueError: naming the option, the value and the fix.
@@ -272,9 +281,9 @@ def validate_dense_router_grad(config: Any) -> None:
             f"moe_router_topk ({config.moe_router_topk}) must not exceed num_moe_experts "
             f"({num_experts})."
         )
+    watch_moe_layers()
     if not options.moe_dense_router_grad:
         return
-    watch_moe_layers()
     _check_estimator(config, options)
     _check_routing(config, options, compat.supported_score_functions())
     _check_layer_features(config)

@@ -25,4 +25,11 @@ def options_markdown_table() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(
+        prog="python -m megatron_densemixer.options_table",
+        description="Prints the markdown table of the moe_dense_router_grad* options (the "
+        "README's options table).",
+    ).parse_args()
     print(options_markdown_table())

@@ -11,6 +11,7 @@ import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.enums import CudaGraphScope
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_cpu.models import build_pair, make_config, rel_err
 from megatron_densemixer import densemixer_spec, validate_dense_router_grad
@@ -185,7 +186,46 @@ def test_attention_only_te_cuda_graph_trains_exactly():
     assert rel_err(grads["router.weight"], expected.d_router_w) < 1e-5
 
 
-def test_flag_off_model_is_not_watched():
-    """A model without the flag gets no hook at all."""
+def test_flag_off_model_is_looked_at_once_and_unhooked():
+    """A DenseMixer config with the flag off: its layers are watched until the first training
+    forward (the flag may still be switched on), which looks, finds it off, raises nothing,
+    warns nothing and removes every hook."""
     model = _gpt(dataclasses.replace(_config(), moe_dense_router_grad=False), _spec())
+    assert _router_hooks(model) == 2
+    _loss(model).backward()
     assert _router_hooks(model) == 0
+
+
+def test_plain_config_with_flag_off_is_not_watched():
+    """A plain TransformerConfig without the flag (nothing of DenseMixer's) gets no hook."""
+    fields = {f.name: getattr(_config(), f.name) for f in dataclasses.fields(TransformerConfig)}
+    model = _gpt(TransformerConfig(**fields), _spec())
+    assert _router_hooks(model) == 0
+
+
+def test_flag_switched_on_after_building_a_plain_spec_raises():
+    """A plain spec built under a DenseMixer config with the flag off, the flag then set on
+    the config object: the first training forward raises instead of training conventionally."""
+    config = dataclasses.replace(_config(), moe_dense_router_grad=False)
+    model = _gpt(config, _spec())
+    config.moe_dense_router_grad = True
+    with pytest.raises(RuntimeError, match="would train conventionally"):
+        _loss(model).backward()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("moe_dense_router_grad_chunk_size", -4),
+        ("moe_dense_router_grad_token_fraction", 0.0),
+        ("moe_dense_router_grad_topm", 1),
+        ("moe_dense_router_grad_variant", "nope"),
+    ],
+)
+def test_option_assigned_after_the_config_was_built_is_refused_at_layer_build(field, value):
+    """A dataclass does not re-run __post_init__ on assignment: the layer validates again when
+    it is built, so an option written after the config fails there, not in the backward."""
+    config = _config()
+    setattr(config, field, value)
+    with pytest.raises(ValueError, match=field):
+        _gpt(config, densemixer_spec(_spec()))

@@ -7,9 +7,10 @@ import copy
 from fractions import Fraction
 
 import pytest
+from megatron.core.transformer.enums import CudaGraphScope
 
 from megatron_cpu.models import make_config
-from megatron_densemixer.options import validate_dense_router_grad
+from megatron_densemixer.options import replays_router, validate_dense_router_grad
 
 
 def test_defaults():
@@ -81,7 +82,10 @@ BAD_VALUES = [
     (dict(moe_dense_router_grad_chunk_budget_mb="256"), "chunk_budget_mb must be a positive"),
     (dict(moe_dense_router_grad_chunk_budget_mb=float("nan")), "chunk_budget_mb must be a"),
     (dict(moe_dense_router_grad_topm=3.0), "moe_dense_router_grad_topm must be an integer"),
+    (dict(moe_dense_router_grad_topm=-1), "moe_dense_router_grad_topm must be an integer"),
     (dict(moe_dense_router_grad_token_fraction=0.0), "token_fraction must be in \\(0, 1\\]"),
+    # Positive, but 0 in fp32: the 1/f scaling would make the router gradient NaN.
+    (dict(moe_dense_router_grad_token_fraction=1e-46), "at least 2\\*\\*-126"),
     (dict(moe_dense_router_grad_token_fraction=1.5), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction="0.5"), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction=Fraction(1, 2)), "token_fraction must be in"),
@@ -124,3 +128,23 @@ def test_bad_gpu_only_options_raise(fields, message):
         setattr(cfg, name, value)
     with pytest.raises(ValueError, match=message):
         validate_dense_router_grad(cfg)
+
+
+@pytest.mark.parametrize(
+    "scope, replays",
+    [
+        (CudaGraphScope.moe_router, True),
+        (["full"], True),
+        ("attn,moe_router", True),
+        ([], True),
+        (CudaGraphScope.attn, False),
+        (["attn"], False),
+        ("attn", False),
+    ],
+)
+def test_replays_router_reads_every_scope_form(scope, replays):
+    """A cuda_graph_scope assigned after the config was built keeps the form it was given (one
+    scope, strings, a comma string): each is read as Megatron's __post_init__ would."""
+    cfg = copy.copy(make_config())
+    cfg.cuda_graph_impl, cfg.cuda_graph_scope = "transformer_engine", scope
+    assert replays_router(cfg) is replays
