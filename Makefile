@@ -32,8 +32,11 @@ demo: $(VENV)/.demo-deps
 experiment: $(VENV)/.demo-deps
 	$(PY) -m examples.experiment
 
+# One MoE layer, conventional vs DenseMixer vs the reference approach, on CPU;
+# `make bench BENCH_ARGS="--shapes quick"` for the quick shapes (seconds).
+BENCH_ARGS ?=
 bench: $(VENV)/.installed
-	$(PY) -m benchmarks --json results/bench.json
+	$(PY) -m benchmarks --json results/bench.json $(BENCH_ARGS)
 
 # The suite on megatron-core 0.16.1 (Python 3.11: `make test`, first) and 0.17.1, 0.18.2, 0.19.2
 # (Python 3.12, with Megatron-Bridge and verl), then a passed/failed/skipped/seconds table per
