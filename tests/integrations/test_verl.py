@@ -79,12 +79,12 @@ def test_no_bridge_invalid_options_raise():
     """The DenseMixer validation runs on verl-built configs too."""
     from verl.models.mcore import config_converter
 
-    with pytest.raises(ValueError, match="moe_dense_router_grad_topm=1 must satisfy"):
+    with pytest.raises(ValueError, match="moe_dense_router_grad_topm=2 must satisfy"):
         config_converter.hf_to_mcore_config_qwen3moe(
             tiny_qwen3_moe(),
             torch.float32,
             moe_dense_router_grad=True,
-            moe_dense_router_grad_topm=1,
+            moe_dense_router_grad_topm=2,
         )
 
 
