@@ -14,15 +14,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Optional
 
-import torch
-
 import benchmarks
-from benchmarks.fidelity import ROUTER_SCALES
 from benchmarks.measure import CLOCKS, Progress
-from benchmarks.report import evaluate_targets, format_tables, metadata
-from benchmarks.runs import bench_knobs, bench_shape
 from benchmarks.shapes import KNOB_SHAPES, SHAPE_SETS
-from megatron_cpu import init_model_parallel
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -63,6 +57,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
+    # Torch's layers and Megatron load only now (seconds): --help and a bad option answer
+    # before them.
+    import torch
+
+    from benchmarks.fidelity import ROUTER_SCALES
+    from benchmarks.report import evaluate_targets, format_tables, metadata
+    from benchmarks.runs import bench_knobs, bench_shape
+    from megatron_cpu import init_model_parallel
+
     torch.set_num_threads(args.threads)
     init_model_parallel(tp=1, ep=1)
     shapes = SHAPE_SETS[args.shapes]
