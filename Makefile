@@ -15,7 +15,10 @@ $(VENV)/.installed: setup.py
 	# wheel of this version (CI's does) that is what installs; elsewhere see the README.
 	$(PIP_INSTALL) $(PY) torch==$(TORCH_VERSION)
 	$(PIP_INSTALL) $(PY) megatron-core==$(MCORE_VERSION) pytest ruff numpy
-	$(PIP_INSTALL) $(PY) --no-deps -e .
+	# Editable in compat mode: a .pth puts the checkout on sys.path, so its non-shipped packages
+	# (megatron_cpu, examples, benchmarks) import from any directory in this venv; a wheel
+	# (pip install .) still holds megatron_densemixer only.
+	$(PIP_INSTALL) $(PY) --no-deps --config-settings editable_mode=compat -e .
 	touch $@
 
 $(VENV)/.demo-deps: $(VENV)/.installed

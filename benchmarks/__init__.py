@@ -35,8 +35,8 @@ torch thread by default, and reports this process's CPU time per call (``--clock
 elapsed time): on a machine shared with other jobs, CPU time with one thread measures the work
 done, while elapsed time also counts the waits for a core. Warm-up, then ``--repeats`` rounds
 in which the implementations run round-robin; times are medians, ratios the median over rounds
-of the per-round ratio to conventional. From the repository root (so that ``megatron_cpu`` is
-importable):
+of the per-round ratio to conventional. In the ``.venv`` that ``make`` builds, or from the
+repository root (so that ``megatron_cpu`` is importable):
 
     .venv/bin/python -m benchmarks --json results/bench.json
     .venv/bin/python -m benchmarks --shapes quick

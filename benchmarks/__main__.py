@@ -1,6 +1,7 @@
 """The command line: ``python -m benchmarks [--shapes quick] [--json PATH] ...``.
 
-Run from the repository root; see the package docstring for what is measured.
+Run in the ``.venv`` that ``make`` builds, or from the repository root; see the package
+docstring for what is measured.
 """
 
 from __future__ import annotations

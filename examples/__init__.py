@@ -1,5 +1,6 @@
-"""Runnable examples, on CPU through the repository's ``megatron_cpu`` runtime. Run them from
-the repository root, as modules or as scripts:
+"""Runnable examples, on CPU through the repository's ``megatron_cpu`` runtime. Run them in the
+``.venv`` that ``make`` builds (its editable install makes these packages importable), as
+modules or as scripts:
 
     .venv/bin/python -m examples.demo
     .venv/bin/python examples/experiment.py

@@ -7,8 +7,10 @@ The command lines import only this module before they check their arguments, so 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-from typing import Callable, Dict, List, Optional, Sequence
+import os
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 DEMO_ARMS = ("frozen", "conventional", "densemixer")
 """frozen: router weights never train; conventional: moe_dense_router_grad=False;
@@ -74,3 +76,25 @@ def mean_or_none(values: List[Optional[float]]) -> Optional[float]:
 def format_value(value: Optional[float], digits: int = 3) -> str:
     """A table cell; '-' for a missing value."""
     return "-" if value is None else f"{value:.{digits}f}"
+
+
+def write_record(
+    out: str,
+    name: str,
+    record: Dict[str, Any],
+    plot: Callable[[str], None],
+    *,
+    allow_nan: bool = True,
+) -> Tuple[str, str]:
+    """Writes ``record`` to ``<out>/<name>.json`` and has ``plot`` draw ``<out>/<name>.png``.
+
+    Returns:
+        The JSON and PNG paths.
+    """
+    os.makedirs(out, exist_ok=True)
+    json_path = os.path.join(out, f"{name}.json")
+    png_path = os.path.join(out, f"{name}.png")
+    with open(json_path, "w") as f:
+        json.dump(record, f, indent=1, allow_nan=allow_nan)
+    plot(png_path)
+    return json_path, png_path

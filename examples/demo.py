@@ -3,7 +3,7 @@
 The task (see examples/_synthetic.py) is a token-level mixture of sub-languages, each with
 its own next-token table, so the ideal routing (by sub-language) is known. Every arm uses the
 same seeds, data and initial weights. Prints a table and writes results/demo.json and
-results/demo.png. Run from the repository root, as a module or as a script:
+results/demo.png. Run in the ``.venv`` that ``make`` builds, as a module or as a script:
 
     .venv/bin/python -m examples.demo [--steps 500] [--seeds 0] [--arms frozen,densemixer]
     .venv/bin/python examples/demo.py --help
@@ -12,27 +12,19 @@ results/demo.png. Run from the repository root, as a module or as a script:
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import sys
 import time
 import warnings
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-if __package__ in (None, ""):
-    # Run as a script: Python put examples/ on sys.path, not the repository root that holds
-    # the examples, megatron_cpu and megatron_densemixer packages.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 # Only torch-free modules up to the argument check: torch and Megatron take seconds to load.
-from examples._common import (  # noqa: E402
+from examples._common import (
     ARM_TITLES,
     DEMO_ARMS,
     arm_list,
     format_value,
     mean_or_none,
     seed_list,
+    write_record,
 )
 
 if TYPE_CHECKING:
@@ -247,33 +239,6 @@ def _ema(values: List[float], decay: float = 0.9) -> List[float]:
     return out
 
 
-def write_results(
-    args: argparse.Namespace, results: List[Dict[str, Any]], means: Dict[str, Any], wall: float
-) -> List[str]:
-    """Writes ``<out>/<name>.json`` (every run, the means) and ``<out>/<name>.png``.
-
-    Returns:
-        The two paths.
-    """
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.name}.json")
-    png_path = os.path.join(args.out, f"{args.name}.png")
-    with open(json_path, "w") as f:
-        json.dump(
-            {
-                "wall_time_s": wall,
-                "loss_floor": results[0]["loss_floor"],
-                "means": means,
-                "runs": results,
-            },
-            f,
-            indent=1,
-            allow_nan=False,
-        )
-    plot(results, png_path)
-    return [json_path, png_path]
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """Runs the demo.
 
@@ -291,7 +256,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         f"\ntask's optimal (Bayes) loss {results[0]['loss_floor']:.4f} nats; "
         f"total wall time {wall:.0f} s"
     )
-    json_path, png_path = write_results(args, results, means, wall)
+    record = {
+        "wall_time_s": wall,
+        "loss_floor": results[0]["loss_floor"],
+        "means": means,
+        "runs": results,
+    }
+    json_path, png_path = write_record(
+        args.out, args.name, record, lambda path: plot(results, path), allow_nan=False
+    )
     print(f"wrote {json_path} and {png_path}")
 
 

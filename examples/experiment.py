@@ -7,8 +7,8 @@ DenseMixer, the EMA estimator and top-M. Every arm of a seed shares the pretrain
 and the fine-tuning data, so the per-seed differences against conventional are paired.
 Prints mean and 95% confidence intervals over seeds and writes results/experiment.json and
 results/experiment.png. Each finished seed is saved under results/experiment_seeds/, and a
-re-run with the same settings reuses it (an interrupted run resumes). Run from the
-repository root, as a module or as a script:
+re-run with the same settings reuses it (an interrupted run resumes). Run in the
+``.venv`` that ``make`` builds, as a module or as a script:
 
     .venv/bin/python -m examples.experiment [--seeds 0,1,2,3,4,5,6,7] [--workers 2]
     .venv/bin/python examples/experiment.py --help
@@ -25,15 +25,11 @@ import resource
 import sys
 import time
 import warnings
-from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-if __package__ in (None, ""):
-    # Run as a script: Python put examples/ on sys.path, not the repository root that holds
-    # the examples, megatron_cpu and megatron_densemixer packages. ``examples`` pins the CPU
-    # code paths and must load before torch does.
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import examples  # noqa: F401
+# ``examples`` pins the CPU code paths and must load before torch does (run as a module it
+# already has; run as a script, the make-built venv's editable install makes it importable).
+import examples  # noqa: E402, F401
 
 # Megatron warns at import that Apex / Transformer Engine are absent; expected on CPU.
 warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
@@ -41,7 +37,13 @@ warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex).*")
 import torch  # noqa: E402
 
 from examples import _adaptation as ad  # noqa: E402
-from examples._common import EXPERIMENT_ARMS, arm_list, mean_or_none, seed_list  # noqa: E402
+from examples._common import (  # noqa: E402
+    EXPERIMENT_ARMS,
+    arm_list,
+    mean_or_none,
+    seed_list,
+    write_record,
+)
 
 METRICS = [
     ("loss_b", "held-out loss B"),
@@ -351,21 +353,6 @@ def run_seeds(
     return [done[seed] for seed in args.seeds], reused
 
 
-def write_results(args: argparse.Namespace, record: Dict[str, Any]) -> List[str]:
-    """Writes ``record`` to ``<out>/<name>.json`` and its figure to ``<out>/<name>.png``.
-
-    Returns:
-        The two paths.
-    """
-    os.makedirs(args.out, exist_ok=True)
-    json_path = os.path.join(args.out, f"{args.name}.json")
-    png_path = os.path.join(args.out, f"{args.name}.png")
-    with open(json_path, "w") as f:
-        json.dump(record, f, indent=1)
-    plot(record["seeds"], record["summary"], record["arms"], png_path)
-    return [json_path, png_path]
-
-
 def main() -> None:
     """Runs the A/B."""
     args = build_parser().parse_args()
@@ -409,7 +396,12 @@ def main() -> None:
         "summary": summary,
         "seeds": seeds,
     }
-    json_path, png_path = write_results(args, record)
+    json_path, png_path = write_record(
+        args.out,
+        args.name,
+        record,
+        lambda path: plot(record["seeds"], record["summary"], record["arms"], path),
+    )
     print(f"wrote {json_path} and {png_path}")
 
 

@@ -1,7 +1,8 @@
 """Megatron Core on CPU, with gloo: the runtime behind the demo, the benchmarks and the tests.
 
-Not part of the plugin (``pip install .`` installs ``megatron_densemixer`` only); import it
-from the repository root. One call sets a CPU process up for building Megatron layers:
+Not part of the plugin (``pip install .`` installs ``megatron_densemixer`` only); it imports
+in the ``.venv`` that ``make`` builds (an editable install holding the checkout) or from the
+repository root. One call sets a CPU process up for building Megatron layers:
 
     import megatron_cpu
 

@@ -118,7 +118,8 @@ setup_312() {
     fi
     pip312 "torch==$TORCH312_VERSION" || return 1
     pip312 pytest numpy packaging "${BRIDGE_DEPS[@]}" || return 1
-    pip312 --no-deps -e . || return 1
+    # Compat mode, as make test installs it (Makefile): the checkout on sys.path.
+    pip312 --no-deps --config-settings editable_mode=compat -e . || return 1
     echo "$SPEC312" >"$VENV312/.installed"
 }
 
