@@ -152,11 +152,14 @@ def _look_at_group(layer: MoELayer) -> None:
     alive = [m for m in (r() for r in refs) if m is not None]
     group = [m for m in alive if m.training] or [layer]
     config = layer.config
-    enabled = dense_router_grad_enabled(config)
-    not_applied = [m for m in group if enabled and not applies_dense_router_grad(m)]
+    if not dense_router_grad_enabled(config):
+        # A DenseMixer config whose flag is still off when training starts: nothing to check.
+        _stop_watching(config, alive, group)
+        return
+    not_applied = [m for m in group if not applies_dense_router_grad(m)]
     if not_applied:
         raise RuntimeError(_not_applied_message(_layer_names(not_applied), not_applied))
-    if enabled and replays_router(config):
+    if replays_router(config):
         raise RuntimeError(
             f"moe_dense_router_grad=True: this model trains with cuda_graph_impl="
             f"{config.cuda_graph_impl!r} and a cuda_graph_scope that replays the router "
@@ -165,15 +168,8 @@ def _look_at_group(layer: MoELayer) -> None:
             "or set cuda_graph_impl='none' for training; an inference copy of the model (no "
             "gradients) may keep its CUDA graphs."
         )
-    _WATCHED[id(config)] = [weakref.ref(m) for m in alive if m not in group]
-    for member in group:
-        handle = getattr(member, _HOOK_ATTR, None)
-        if handle is not None:
-            handle.remove()
-            object.__setattr__(member, _HOOK_ATTR, None)
-    frozen = [
-        m for m in group if enabled and not any(p.requires_grad for p in m.router.parameters())
-    ]
+    _stop_watching(config, alive, group)
+    frozen = [m for m in group if not any(p.requires_grad for p in m.router.parameters())]
     if frozen:
         logger.warning(
             "moe_dense_router_grad=True, but the routers of MoE layer(s) %s have no trainable "
@@ -182,6 +178,16 @@ def _look_at_group(layer: MoELayer) -> None:
             "the router trainable or give it an adapter (e.g. a LoRA target on the router).",
             _layer_names(frozen),
         )
+
+
+def _stop_watching(config: Any, alive: List[MoELayer], group: List[MoELayer]) -> None:
+    """Removes ``group``'s hooks; the rest of ``alive`` stays watched under ``config``."""
+    _WATCHED[id(config)] = [weakref.ref(m) for m in alive if m not in group]
+    for member in group:
+        handle = getattr(member, _HOOK_ATTR, None)
+        if handle is not None:
+            handle.remove()
+            object.__setattr__(member, _HOOK_ATTR, None)
 
 
 def _layer_names(layers: List[Any]) -> List[str]:
