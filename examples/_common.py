@@ -7,6 +7,7 @@ The command lines import only this module before they check their arguments, so 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -98,3 +99,18 @@ def write_record(
         json.dump(record, f, indent=1, allow_nan=allow_nan)
     plot(png_path)
     return json_path, png_path
+
+
+def require_packages(command: str, packages: Sequence[str]) -> None:
+    """Exits with one line naming the missing packages and how to install them, before any
+    training starts (``make test`` builds ``.venv`` without the examples' extra packages).
+
+    Raises:
+        SystemExit: some of ``packages`` cannot be imported.
+    """
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        raise SystemExit(
+            f"{command} needs {', '.join(missing)}: run `make demo` once (it installs them into "
+            f".venv) or `pip install {' '.join(missing)}`."
+        )

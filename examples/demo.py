@@ -23,6 +23,7 @@ from examples._common import (
     arm_list,
     format_value,
     mean_or_none,
+    require_packages,
     seed_list,
     write_record,
 )
@@ -246,6 +247,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         argv: The arguments; ``sys.argv[1:]`` if None.
     """
     args = build_parser(__doc__.splitlines()[0]).parse_args(argv)
+    require_packages("examples/demo.py", ["tqdm", "matplotlib"])
     start = time.perf_counter()
     results = train_all(args)
     wall = time.perf_counter() - start

@@ -41,6 +41,7 @@ from examples._common import (  # noqa: E402
     EXPERIMENT_ARMS,
     arm_list,
     mean_or_none,
+    require_packages,
     seed_list,
     write_record,
 )
@@ -356,6 +357,7 @@ def run_seeds(
 def main() -> None:
     """Runs the A/B."""
     args = build_parser().parse_args()
+    require_packages("examples/experiment.py", ["matplotlib"])
     warnings.filterwarnings("ignore")
     torch.set_num_threads(1)
     cfg = ad.AdaptationConfig(
