@@ -21,6 +21,10 @@ case when called on a built model; the watch below runs the same check by itself
   training forward raises again); otherwise frozen routers are named in one warning and the
   hooks are removed (also when the flag is off by then). Forwards without grad (inference
   copies, RL log-prob passes) leave the hooks in place and are never refused.
+
+The flag and the options are read when a layer is built and the check looks at the first
+training forward: a flag switched on after that, or an option changed after build, is not
+seen (a DenseMixerMoELayer keeps the options it was built with).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from megatron_densemixer.options import (
     DenseMixerOptions,
+    cuda_graph_scope_names,
     dense_router_grad_enabled,
     replays_router,
 )
@@ -195,6 +200,5 @@ def _layer_names(layers: List[Any]) -> List[str]:
 
 
 def _scope_names(config: Any) -> str:
-    scope = getattr(config, "cuda_graph_scope", None) or []
-    names = [getattr(s, "name", str(s)) for s in scope]
+    names = cuda_graph_scope_names(config)
     return ", ".join(names) if names else "the whole layer"

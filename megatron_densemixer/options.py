@@ -131,15 +131,23 @@ def replays_router(config: Any) -> bool:
     """
     if getattr(config, "cuda_graph_impl", "none") in (None, "none"):
         return False
-    # The forms Megatron's __post_init__ normalises (a string, one scope, a list of strings),
-    # for a scope assigned after the config was built; "full" is the whole layer.
+    names = cuda_graph_scope_names(config)
+    return not names or any(name in _ROUTER_SCOPES for name in names)
+
+
+def cuda_graph_scope_names(config: Any) -> list[str]:
+    """The names of ``config.cuda_graph_scope``; empty for the whole layer.
+
+    Reads every form Megatron's ``__post_init__`` normalises (a comma string, one scope, a list
+    of strings or scopes), for a scope assigned after the config was built; ``"full"`` is the
+    whole layer.
+    """
     scope = getattr(config, "cuda_graph_scope", None) or []
     if isinstance(scope, str):
         scope = scope.split(",")
     elif not isinstance(scope, (list, tuple)):
         scope = [scope]
-    names = [getattr(s, "name", s) for s in scope if s and s != "full"]
-    return not names or any(name in _ROUTER_SCOPES for name in names)
+    return [getattr(s, "name", s) for s in scope if s and s != "full"]
 
 
 def approximates(options: DenseMixerOptions) -> bool:
@@ -192,7 +200,9 @@ def _is_real(value: Any) -> bool:
         return False
 
 
-_FP32_SMALLEST_NORMAL = 2.0**-126
+# The token sampler keeps a token when an fp32 torch.rand draw (steps of 2**-24) is below f:
+# a smaller f keeps tokens at rate 2**-24, not f, and the 1/f rescaling then overflows.
+_SAMPLER_RESOLUTION = 2.0**-24
 
 
 def _check_types(options: DenseMixerOptions) -> None:
@@ -230,12 +240,10 @@ def _check_types(options: DenseMixerOptions) -> None:
             f"least 2) or None, got {topm!r}; set None for the exact gradient."
         )
     fraction = options.moe_dense_router_grad_token_fraction
-    # The sampled tokens' fp32 gradient is scaled by 1/f: below the smallest normal fp32, f
-    # rounds to 0 (or 1/f overflows) and the router gradient would be NaN.
-    if not (_is_real(fraction) and _FP32_SMALLEST_NORMAL <= fraction <= 1.0):
+    if not (_is_real(fraction) and _SAMPLER_RESOLUTION <= fraction <= 1.0):
         raise ValueError(
-            f"moe_dense_router_grad_token_fraction must be in (0, 1] and at least 2**-126 "
-            f"(the smallest normal float32), got {fraction!r}; 1.0 gives the exact gradient."
+            f"moe_dense_router_grad_token_fraction must be in (0, 1] and at least 2**-24 (the "
+            f"token sampler's resolution), got {fraction!r}; 1.0 gives the exact gradient."
         )
     estimator = options.moe_dense_router_grad_estimator
     if estimator not in DENSE_ROUTER_GRAD_ESTIMATORS:

@@ -155,6 +155,17 @@ def test_local_cuda_graph_replaying_the_router_refuses_training_not_inference():
         _loss(model).backward()
 
 
+@pytest.mark.parametrize("scope", [CudaGraphScope.moe_router, "attn,moe_router"])
+def test_local_cuda_graph_refusal_names_the_scope_in_any_form(scope):
+    """A scope assigned after build keeps the form it was given (one enum, a comma string):
+    the refusal still names the scope that replays the router."""
+    config = _config()
+    model = _gpt(config, densemixer_spec(_spec()))
+    config.cuda_graph_impl, config.cuda_graph_scope = "local", scope
+    with pytest.raises(RuntimeError, match=r"replays the router \((attn, )?moe_router\)"):
+        _loss(model).backward()
+
+
 def test_route_replayed_by_a_cuda_graph_raises():
     """Runtime guard behind the config check: Megatron's replay path (the router step's CUDA
     graph decorator, fed from the layer's tensor store) returns probs without running the

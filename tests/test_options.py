@@ -84,8 +84,9 @@ BAD_VALUES = [
     (dict(moe_dense_router_grad_topm=3.0), "moe_dense_router_grad_topm must be an integer"),
     (dict(moe_dense_router_grad_topm=-1), "moe_dense_router_grad_topm must be an integer"),
     (dict(moe_dense_router_grad_token_fraction=0.0), "token_fraction must be in \\(0, 1\\]"),
-    # Positive, but 0 in fp32: the 1/f scaling would make the router gradient NaN.
-    (dict(moe_dense_router_grad_token_fraction=1e-46), "at least 2\\*\\*-126"),
+    # Positive, but below the fp32 sampler's 2**-24 steps: kept at that rate, rescaled by 1/f.
+    (dict(moe_dense_router_grad_token_fraction=1e-46), "at least 2\\*\\*-24"),
+    (dict(moe_dense_router_grad_token_fraction=2.0**-25), "at least 2\\*\\*-24"),
     (dict(moe_dense_router_grad_token_fraction=1.5), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction="0.5"), "token_fraction must be in \\(0, 1\\]"),
     (dict(moe_dense_router_grad_token_fraction=Fraction(1, 2)), "token_fraction must be in"),
